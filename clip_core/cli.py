@@ -14,6 +14,8 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
+    import torch
+
     from clip_core.config import load_preset
     from clip_core.model import available_models, create_model
 
@@ -23,7 +25,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
         row = {"name": name, "embed_dim": cfg.embed_dim, "image_size": cfg.vision.image_size,
                "vision": "ViT" if cfg.vision.patch_size else "ModifiedResNet"}
         if args.params:
-            model = create_model(name, device="meta")
+            with torch.device("meta"):  # shapes only, no memory
+                model = create_model(name)
             row["params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
         rows.append(row)
     if args.json:

@@ -1,0 +1,34 @@
+"""`clip-pipeline` commands call the library and print what it returns."""
+import json
+import subprocess
+import sys
+
+from clip_core.cli import main
+from clip_core.tokenizer import tokenize
+
+
+def test_models_lists_every_preset_with_parameter_counts(capsys):
+    assert main(["models", "--params", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert {"RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16",
+            "ViT-L-14", "ViT-L-14-336", "tiny", "tiny-rn"} <= set(rows)
+    assert rows["ViT-B-32"]["params_M"] == 151.28  # 151,277,313 parameters, as OpenAI's
+    assert rows["RN50"]["embed_dim"] == 1024 and rows["RN50"]["vision"] == "ModifiedResNet"
+
+
+def test_tokenize_prints_openai_ids(capsys):
+    assert main(["tokenize", "a photo of a dog.", "--context-length", "12", "--pad"]) == 0
+    printed = [list(map(int, line.split())) for line in capsys.readouterr().out.splitlines()]
+    assert printed == tokenize(["a photo of a dog."], context_length=12).tolist()
+
+
+def test_too_long_text_is_a_clear_error_not_a_traceback(capsys):
+    assert main(["tokenize", "word " * 100]) == 2
+    err = capsys.readouterr().err
+    assert "context_length=77" in err and "Traceback" not in err
+
+
+def test_console_script_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "clip_core.cli", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "models" in out and "tokenize" in out
