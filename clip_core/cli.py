@@ -46,6 +46,41 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_web_generate(args: argparse.Namespace) -> int:
+    from clip_core.data.synthetic_web import generate_web
+
+    out = generate_web(args.out, n_pairs=args.pairs, seed=args.seed, base_url=args.base_url,
+                       image_size=args.image_size, eval_sizes=args.eval_size)
+    print(f"wrote a synthetic web of {args.pairs} pairs to {out} (pairs.parquet, eval/, web.json)")
+    return 0
+
+
+def _cmd_web_serve(args: argparse.Namespace) -> int:
+    from clip_core.data.web_server import run_web_server
+
+    return run_web_server(args.root, host=args.host, port=args.port, extra_hosts=args.extra_host)
+
+
+def _add_web(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("web", help="the synthetic web: generate pairs and eval sets, serve images on 127.0.0.1")
+    web = p.add_subparsers(dest="web_command", metavar="{generate,serve}", required=True)
+    g = web.add_parser("generate", help="write pairs.parquet, truth.parquet, eval sets and web.json to OUT")
+    g.add_argument("out", help="output folder or fsspec URI")
+    g.add_argument("--pairs", type=int, default=10_000, help="candidate pairs to generate (default 10000)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--base-url", default="http://127.0.0.1:8000",
+                   help="where `web serve` will answer; image URLs start with it")
+    g.add_argument("--image-size", type=int, default=128, help="side of the rendered web images")
+    g.add_argument("--eval-size", type=int, default=None, help="images per eval split (default 300)")
+    g.set_defaults(handler=_cmd_web_generate)
+    s = web.add_parser("serve", help="serve a generated web until Ctrl-C (loopback addresses only)")
+    s.add_argument("root", help="folder written by `web generate`")
+    s.add_argument("--host", default="127.0.0.1", help="a 127.0.0.0/8 address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="default: the port of the web's base URL")
+    s.add_argument("--extra-host", action="append", default=[], help="serve on another loopback address too")
+    s.set_defaults(handler=_cmd_web_serve)
+
+
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the model presets (OpenAI's architectures and tiny ones)")
     p.add_argument("--params", action="store_true", help="also count parameters (builds each on the meta device)")
@@ -62,7 +97,7 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_tokenize)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_models, _add_tokenize]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_web, _add_models, _add_tokenize]
 
 
 def build_parser() -> argparse.ArgumentParser:

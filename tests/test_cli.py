@@ -32,3 +32,25 @@ def test_console_script_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "clip_core.cli", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "models" in out and "tokenize" in out
+
+
+def test_web_generate_then_serve_on_loopback(tmp_path):
+    import socket
+    import urllib.request
+
+    from clip_core.data.web_server import serve_web
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "web"
+    assert main(["web", "generate", str(out), "--pairs", "200", "--eval-size", "4",
+                 "--base-url", f"http://127.0.0.1:{port}"]) == 0
+    import pyarrow.parquet as pq
+
+    pairs = pq.read_table(out / "pairs.parquet").to_pylist()
+    assert len(pairs) == 200 and all(p["url"].startswith(f"http://127.0.0.1:{port}/") for p in pairs)
+    assert (out / "eval" / "shapes" / "classnames.txt").exists()
+    with serve_web(str(out), port=port) as server:
+        with urllib.request.urlopen(f"{server.url}/robots.txt", timeout=5) as response:
+            assert response.status == 200

@@ -1,0 +1,139 @@
+"""Small WebDataset helpers: write and read tar shards of `KEY.ext` members.
+
+Shards are named `000000.tar`, `000001.tar`, ... as CLIP_benchmark and img2dataset lay them
+out. Writes are atomic: a shard is written under a temporary name and renamed when done,
+so a reader never sees half a shard. Values encode by type: bytes as-is, str as UTF-8,
+int as ASCII digits (`cls`), dict/list as JSON.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import posixpath
+import tarfile
+import uuid
+from collections.abc import Iterable, Iterator
+
+import fsspec
+
+
+@contextlib.contextmanager
+def atomic_open(fs, path: str, mode: str = "wb"):
+    """Open `path` for writing under a temporary name; rename into place on success."""
+    tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with fs.open(tmp, mode) as f:
+            yield f
+        fs.mv(tmp, path)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+
+
+def encode_value(value) -> bytes:
+    """The bytes stored for one sample field."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, (bool, float)):
+        raise TypeError(f"no WebDataset encoding for {type(value).__name__}")
+    if isinstance(value, int):
+        return str(value).encode("ascii")
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, ensure_ascii=False).encode("utf-8")
+    raise TypeError(f"no WebDataset encoding for {type(value).__name__}")
+
+
+def decode_value(ext: str, data: bytes):
+    """Decode a field by extension: cls -> int, txt -> str, json -> object, else bytes."""
+    if ext == "cls":
+        return int(data.decode("ascii").strip())
+    if ext == "txt":
+        return data.decode("utf-8")
+    if ext == "json":
+        return json.loads(data.decode("utf-8"))
+    return data
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed mtime: byte-identical reruns
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(fs, path: str, samples: Iterable[dict]) -> int:
+    """Write samples ({"__key__": str, ext: value, ...}) to one tar; returns the count."""
+    n = 0
+    with atomic_open(fs, path) as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            key = sample["__key__"]
+            for ext, value in sample.items():
+                if ext != "__key__":
+                    _add_member(tar, f"{key}.{ext}", encode_value(value))
+            n += 1
+    return n
+
+
+def write_shards(uri: str, samples: Iterable[dict], maxcount: int = 1000,
+                 storage_options: dict | None = None) -> list[str]:
+    """Write samples into `uri/000000.tar`, ... with at most `maxcount` per shard."""
+    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs.makedirs(root, exist_ok=True)
+    paths, batch = [], []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == maxcount:
+            paths.append(_flush(fs, root, len(paths), batch))
+            batch = []
+    if batch or not paths:
+        paths.append(_flush(fs, root, len(paths), batch))
+    return paths
+
+
+def _flush(fs, root: str, index: int, batch: list[dict]) -> str:
+    path = posixpath.join(root, f"{index:06d}.tar")
+    write_shard(fs, path, batch)
+    return path
+
+
+def list_shards(uri: str, storage_options: dict | None = None) -> list[str]:
+    """The `*.tar` shards under `uri`, sorted, as full URIs."""
+    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    names = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".tar"))
+    return [fs.unstrip_protocol(p) for p in names]
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """`dir/KEY.ext.more` -> (`dir/KEY`, `ext.more`), WebDataset's split at the first dot."""
+    folder, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(folder, stem), ext
+
+
+def iter_shard(fs, path: str, decode: bool = True) -> Iterator[dict]:
+    """Samples of one shard in order, members grouped by key (the name before the first dot)."""
+    sample: dict = {}
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, ext = _split_name(member.name)
+            if not ext:
+                continue
+            if sample and sample["__key__"] != key:
+                yield sample
+                sample = {}
+            data = tar.extractfile(member).read()
+            sample.setdefault("__key__", key)
+            sample[ext] = decode_value(ext, data) if decode else data
+    if sample:
+        yield sample
+
+
+def read_samples(uri: str, decode: bool = True, storage_options: dict | None = None) -> Iterator[dict]:
+    """All samples of all shards under `uri`, in shard then member order."""
+    for shard in list_shards(uri, storage_options):
+        fs, path = fsspec.core.url_to_fs(shard, **(storage_options or {}))
+        yield from iter_shard(fs, path, decode)
