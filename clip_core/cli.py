@@ -81,6 +81,14 @@ def _add_web(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(handler=_cmd_web_serve)
 
 
+def _add_extract(sub: argparse._SubParsersAction) -> None:
+    from clip_core.extract import add_extract_arguments, run_extract_command
+
+    p = sub.add_parser("extract", help="candidate pairs (image URL, alt text) from Common Crawl WAT files")
+    add_extract_arguments(p)
+    p.set_defaults(handler=run_extract_command)
+
+
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the model presets (OpenAI's architectures and tiny ones)")
     p.add_argument("--params", action="store_true", help="also count parameters (builds each on the meta device)")
@@ -97,7 +105,7 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_tokenize)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_web, _add_models, _add_tokenize]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_web, _add_extract, _add_models, _add_tokenize]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,566 @@
+"""The extract stage: Common Crawl WAT files -> candidate (url, caption) pairs.
+
+CLIP's WIT (Radford et al. 2021, Sec. 2.2) came from a search engine no one else has;
+open reproductions (LAION-400M, MetaCLIP) start from Common Crawl's WAT files, which list
+every link of every crawled page. A WAT file is a gzipped WARC of `metadata` records whose
+payload is a JSON envelope; for an HTML response the page's `<img>` tags are in
+
+    Envelope.Payload-Metadata.HTTP-Response-Metadata.HTML-Metadata.Links
+        [{"path": "IMG@/src", "url": "../a.jpg", "alt": "a red apple"}, ...]
+
+beside `HTML-Metadata.Head.Base` (a `<base href>`) and the page URL in
+`Envelope.WARC-Header-Metadata.WARC-Target-URI`. Each `IMG@/src` link with a non-empty alt
+becomes a pair: the URL resolved to absolute http(s) (fragment dropped), the alt with
+whitespace collapsed. Rules per link live in `extract_filters.py`.
+
+Output, OUT being any fsspec URI: `OUT/part-NNNNN.parquet` (`url`, `caption`, `uid`,
+`page_url`; each written to a temp name, then renamed) and `OUT/extract_stats.json`.
+
+Duplicates: a (url, caption) pair is kept once per run, across files too, first
+occurrence in input order winning. The key is the first 64 bits of the pair's blake2b
+digest, held in a Python set in the driver: about 80 bytes per unique pair (10M pairs
+~ 0.8 GB), and a false "duplicate" with probability ~ n^2 / 2^65 (n = 10^8: ~3e-4).
+Files are read in parallel (a process pool, or any executor with an ordered `map`, e.g.
+Ray's); the driver merges in input order, so the rows do not depend on the worker count.
+The pool starts workers with the spawn method: a script that calls `extract` at top level
+with workers > 1 needs an `if __name__ == "__main__":` guard.
+
+Bad input is counted, never fatal: a record that is not JSON or has a short payload is
+skipped and the file read on; a truncated final gzip member ends the file after the
+records before it; a page without links is counted and skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib
+import io
+import json
+import multiprocessing
+import os
+import time
+import uuid
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
+from typing import NamedTuple
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+import pyarrow as pa
+import pyarrow.parquet as pq
+from warcio.archiveiterator import ArchiveIterator
+from warcio.exceptions import ArchiveLoadFailed
+from warcio.statusandheaders import StatusAndHeadersParserException
+from warcio.warcwriter import WARCWriter
+
+from clip_core.extract_filters import (
+    DROP_REASONS, BaseUrl, PairFilter, normalize_caption, page_base, parse_extensions,
+    resolve_image_url, split_base)
+
+IMG_PATH = "IMG@/src"
+ERROR_KINDS = ("bad_json", "bad_record", "truncated_record", "truncated_stream", "read")
+SCHEMA = pa.schema([("url", pa.string()), ("caption", pa.string()),
+                    ("uid", pa.string()), ("page_url", pa.string())])
+STATS_NAME = "extract_stats.json"
+DEFAULT_SHARD_ROWS = 1_000_000
+_READ_ERRORS = (ArchiveLoadFailed, StatusAndHeadersParserException, EOFError, OSError, zlib.error)
+
+
+@dataclass
+class FileStats:
+    """Counts for one WAT file (or, with uri "*", for the whole run)."""
+
+    uri: str
+    records: int = 0  # every WARC record, warcinfo included
+    metadata_records: int = 0  # WARC-Type: metadata
+    pages: int = 0  # envelopes of HTML responses (with HTML-Metadata)
+    pages_without_links: int = 0
+    links: int = 0  # entries of HTML-Metadata.Links, any tag
+    img_links: int = 0  # entries with path IMG@/src
+    pairs_kept: int = 0  # after the run-wide duplicate removal
+    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+    errors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ERROR_KINDS, 0))
+    seconds: float = 0.0
+
+    def add(self, other: FileStats) -> None:
+        """Accumulate `other` into these counts."""
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(mine, dict):
+                for k, v in theirs.items():
+                    mine[k] = mine.get(k, 0) + v
+            elif f.name != "uri":
+                setattr(self, f.name, mine + theirs)
+
+
+@dataclass
+class ExtractStats:
+    """What `extract` did: per-file counts, totals, the shards written and the speed."""
+
+    files: list[FileStats]
+    totals: FileStats
+    rows: int
+    shards: list[str]
+    seconds: float
+    filters: dict
+
+    @property
+    def pairs_per_s(self) -> float:
+        """Pairs written per wall-clock second of the whole run."""
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        """Plain JSON values, the content of `extract_stats.json`."""
+        d = asdict(self)
+        d["pairs_per_s"] = round(self.pairs_per_s, 1)
+        for f in d["files"]:
+            f["pairs_per_s"] = round(f["pairs_kept"] / f["seconds"], 1) if f["seconds"] else 0.0
+        return d
+
+
+def pair_uid(url: str, caption: str) -> tuple[str, int]:
+    """(uid, dedup key): 128-bit blake2b hex of url NUL caption, and its first 64 bits."""
+    digest = hashlib.blake2b(f"{url}\x00{caption}".encode(), digest_size=16).digest()
+    return digest.hex(), int.from_bytes(digest[:8], "big")
+
+
+class _WatIterator(ArchiveIterator):
+    """warcio's iterator, remembering whether the last gzip member ended cleanly."""
+
+    clean_end: bool | None = None
+
+    def close(self):
+        if self.reader is not None:  # close() may run twice; judge the first time
+            decomp = self.reader.decompressor
+            self.clean_end = decomp is None or (decomp.eof and not decomp.unused_data)
+        super().close()
+
+
+def _get(obj: object, *keys: str) -> object:
+    """obj[k1][k2]... through dicts only; None when any step is missing."""
+    for key in keys:
+        obj = obj.get(key) if isinstance(obj, dict) else None
+    return obj
+
+
+def _parse_payload(record, payload: bytes, stats: FileStats) -> dict | None:
+    """The record's JSON envelope; None (and an error counted) when short or not JSON."""
+    declared = record.rec_headers.get_header("Content-Length") or ""
+    if not declared.isdigit() or len(payload) < int(declared):
+        stats.errors["truncated_record"] += 1
+        return None
+    try:
+        doc = json.loads(payload)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        stats.errors["bad_json"] += 1
+        return None
+    return doc
+
+
+def _is_json(record) -> bool:
+    """True unless the record declares a content type other than JSON."""
+    ctype = record.rec_headers.get_header("Content-Type") or "application/json"
+    return "json" in ctype.lower()
+
+
+def _iter_envelopes(stream, stats: FileStats) -> Iterator[tuple[dict, str]]:
+    """(JSON document, record WARC-Target-URI) of each JSON metadata record."""
+    records = _WatIterator(stream)
+    it = iter(records)
+    while True:
+        try:
+            record = next(it, None)
+            if record is None:
+                break
+            stats.records += 1
+            if record.rec_type != "metadata":
+                continue
+            stats.metadata_records += 1
+            if not _is_json(record):
+                continue
+            payload = record.raw_stream.read()
+        except _READ_ERRORS:
+            stats.errors["read"] += 1
+            return
+        doc = _parse_payload(record, payload, stats)
+        if doc is not None:
+            yield doc, record.rec_headers.get_header("WARC-Target-URI") or ""
+    if records.clean_end is False:
+        stats.errors["truncated_stream"] += 1
+
+
+class _Page(NamedTuple):
+    url: str  # the page, as crawled
+    base: BaseUrl  # what relative links resolve against
+    links: list  # HTML-Metadata.Links
+
+
+def _page_of(doc: dict, target_uri: str, stats: FileStats) -> _Page | None:
+    """(page URL, base URL, links) of an HTML-response envelope; None for other records."""
+    envelope = _get(doc, "Envelope")
+    html = _get(envelope, "Payload-Metadata", "HTTP-Response-Metadata", "HTML-Metadata")
+    if not isinstance(html, dict):
+        return None
+    stats.pages += 1
+    page_url = _get(envelope, "WARC-Header-Metadata", "WARC-Target-URI")
+    page_url = page_url if isinstance(page_url, str) and page_url else target_uri
+    links = html.get("Links", [])
+    if not isinstance(links, list):
+        stats.errors["bad_record"] += 1
+        links = []
+    if not links:
+        stats.pages_without_links += 1
+    return _Page(page_url, split_base(page_base(page_url, _get(html, "Head", "Base"))), links)
+
+
+def _judge_link(link: dict, page: _Page, pair_filter: PairFilter,
+                rows: dict[int, tuple]) -> str | None:
+    """Add the link's pair to `rows`; return the drop reason instead when there is one."""
+    caption = normalize_caption(link.get("alt"))
+    if not caption:
+        return "empty_alt"
+    url, reason = resolve_image_url(link.get("url"), page.base)
+    reason = reason or pair_filter.reason(url, caption)
+    if reason:
+        return reason
+    uid, key = pair_uid(url, caption)
+    if key in rows:
+        return "duplicate"
+    rows[key] = (url, caption, uid, page.url)
+    return None
+
+
+def _take_links(page: _Page, pair_filter: PairFilter,
+                rows: dict[int, tuple], stats: FileStats) -> None:
+    """Judge every IMG@/src link of a page, counting links and drop reasons."""
+    for link in page.links:
+        stats.links += 1
+        if not isinstance(link, dict) or link.get("path") != IMG_PATH:
+            continue
+        stats.img_links += 1
+        reason = _judge_link(link, page, pair_filter, rows)
+        if reason:
+            stats.dropped[reason] += 1
+
+
+def _rows_table(rows: dict[int, tuple]) -> pa.Table:
+    """SCHEMA's columns plus `key` (uint64 dedup key), in insertion order."""
+    cols = list(zip(*rows.values())) if rows else [()] * len(SCHEMA)
+    arrays = [pa.array(c, type=f.type) for c, f in zip(cols, SCHEMA)]
+    arrays.append(pa.array(list(rows), type=pa.uint64()))
+    return pa.Table.from_arrays(arrays, names=SCHEMA.names + ["key"])
+
+
+def extract_file(uri: str, pair_filter: PairFilter | None = None,
+                 storage_options: dict | None = None) -> tuple[pa.Table, FileStats]:
+    """Pairs of one WAT file (unique within it, with a `key` column) and its stats."""
+    pair_filter = pair_filter or PairFilter()
+    stats, rows, start = FileStats(uri=uri), {}, time.perf_counter()
+    with fsspec.open(uri, "rb", **(storage_options or {})) as stream:
+        for doc, target_uri in _iter_envelopes(stream, stats):
+            page = _page_of(doc, target_uri, stats)
+            if page is not None:
+                _take_links(page, pair_filter, rows, stats)
+    stats.pairs_kept = len(rows)
+    stats.seconds = time.perf_counter() - start
+    return _rows_table(rows), stats
+
+
+def _extract_task(task: tuple[str, PairFilter, dict | None]) -> tuple[pa.Table, FileStats]:
+    """`extract_file` on one (uri, filter, storage options) tuple: what workers run."""
+    return extract_file(*task)
+
+
+class InlineExecutor:
+    """Runs tasks one after another in this process (the workers=1 path)."""
+
+    def map(self, fn: Callable, items: Iterable) -> Iterator:
+        """Results of fn over items, in order."""
+        return map(fn, items)
+
+
+class LocalExecutor:
+    """A spawn-based process pool whose `map` keeps at most `window` results in flight."""
+
+    def __init__(self, workers: int, window: int | None = None):
+        self.workers, self.window = workers, window or 2 * workers
+        self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def map(self, fn: Callable, items: Iterable) -> Iterator:
+        """Results of fn over items, in order; memory bounded by the window, not the input."""
+        pending: deque = deque()
+        for item in items:
+            pending.append(self._pool.submit(fn, item))
+            if len(pending) >= self.window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+    def __enter__(self) -> LocalExecutor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _executor_for(executor, workers: int | None, n_files: int):
+    """The caller's executor, or a local one sized by `workers` (default: all cores)."""
+    if executor is not None:
+        yield executor
+        return
+    workers = min(workers or os.cpu_count() or 1, max(n_files, 1))
+    if workers <= 1:
+        yield InlineExecutor()
+        return
+    with LocalExecutor(workers) as pool:
+        yield pool
+
+
+def _write_atomic(fs, path: str, write: Callable) -> None:
+    """write(file) to a hidden temp name beside `path`, then rename it into place."""
+    parent, name = path.rsplit("/", 1)
+    tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open(tmp, "wb") as f:
+        write(f)
+    fs.mv(tmp, path)
+
+
+class _ShardWriter:
+    """Cuts a stream of tables into `part-NNNNN.parquet` files of `shard_rows` rows."""
+
+    def __init__(self, fs, root: str, shard_rows: int):
+        self.fs, self.root, self.shard_rows = fs, root, shard_rows
+        self.pending: list[pa.Table] = []
+        self.buffered = 0
+        self.paths: list[str] = []
+
+    def add(self, table: pa.Table) -> None:
+        """Buffer rows; write every full shard."""
+        self.pending.append(table)
+        self.buffered += table.num_rows
+        while self.buffered >= self.shard_rows:
+            merged = pa.concat_tables(self.pending)
+            self._write(merged.slice(0, self.shard_rows))
+            rest = merged.slice(self.shard_rows)
+            self.pending, self.buffered = [rest], rest.num_rows
+
+    def close(self) -> list[str]:
+        """Write the remainder (an empty shard if the run had no rows); drop stale parts."""
+        if self.buffered or not self.paths:
+            self._write(pa.concat_tables(self.pending) if self.pending else SCHEMA.empty_table())
+        for stale in set(self.fs.glob(f"{self.root}/part-*.parquet")) - set(self.paths):
+            self.fs.rm(stale)
+        return self.paths
+
+    def _write(self, table: pa.Table) -> None:
+        path = f"{self.root}/part-{len(self.paths):05d}.parquet"
+        _write_atomic(self.fs, path, lambda f: pq.write_table(table.combine_chunks(), f))
+        self.paths.append(path)
+
+
+def _drop_seen(table: pa.Table, seen: set[int]) -> pa.Table:
+    """Rows whose key is not in `seen` (keys are unique within a table); updates `seen`."""
+    keys = table.column("key").to_pylist()
+    mask = pa.array([k not in seen for k in keys], type=pa.bool_())
+    seen.update(keys)
+    return table.filter(mask).drop_columns(["key"])
+
+
+def _as_uri(fs, path: str) -> str:
+    """A path of `fs` as a URI other processes can open (local paths stay plain)."""
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+
+def expand_uris(uris: Sequence[str], storage_options: dict | None = None) -> list[str]:
+    """The URIs with glob patterns (`*`, `?`, `[`) replaced by their sorted matches."""
+    out = []
+    for uri in uris:
+        if not any(c in uri for c in "*?["):
+            out.append(uri)
+            continue
+        fs, pattern = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        matches = sorted(fs.glob(pattern))
+        if not matches:
+            raise FileNotFoundError(f"no WAT file matches {uri}")
+        out.extend(_as_uri(fs, m) for m in matches)
+    return out
+
+
+def extract(wat_uris: Sequence[str], out_uri: str, *, workers: int | None = None,
+            executor=None, min_caption_len: int | None = None,
+            max_caption_len: int | None = None, languages: Iterable[str] | None = None,
+            image_extensions: Iterable[str] | None = None, language_detector=None,
+            shard_rows: int = DEFAULT_SHARD_ROWS,
+            storage_options: dict | None = None) -> ExtractStats:
+    """Candidate pairs of WAT files -> OUT/part-NNNNN.parquet and OUT/extract_stats.json."""
+    if shard_rows < 1:
+        raise ValueError(f"shard_rows must be positive, got {shard_rows}")
+    pair_filter = PairFilter(min_caption_len, max_caption_len,
+                             frozenset(languages) if languages is not None else None,
+                             parse_extensions(image_extensions), language_detector)
+    uris = expand_uris(wat_uris, storage_options)
+    fs, root = fsspec.core.url_to_fs(out_uri, **(storage_options or {}))
+    fs.makedirs(root, exist_ok=True)
+    start, seen, files = time.perf_counter(), set(), []
+    writer = _ShardWriter(fs, root.rstrip("/"), shard_rows)
+    tasks = [(uri, pair_filter, storage_options) for uri in uris]
+    with _executor_for(executor, workers, len(uris)) as ex:
+        for table, stats in ex.map(_extract_task, tasks):
+            kept = _drop_seen(table, seen)
+            stats.dropped["duplicate"] += table.num_rows - kept.num_rows
+            stats.pairs_kept = kept.num_rows
+            writer.add(kept)
+            files.append(stats)
+    shards = writer.close()
+    return _finish(fs, root, files, shards, time.perf_counter() - start, pair_filter)
+
+
+def _finish(fs, root: str, files: list[FileStats], shards: list[str], seconds: float,
+            pair_filter: PairFilter) -> ExtractStats:
+    """Sum the per-file stats and write `extract_stats.json` atomically."""
+    totals = FileStats(uri="*")
+    for stats in files:
+        totals.add(stats)
+    result = ExtractStats(files=files, totals=totals, rows=totals.pairs_kept,
+                          shards=[_as_uri(fs, p) for p in shards],
+                          seconds=seconds, filters=pair_filter.describe())
+    text = json.dumps(result.to_dict(), indent=2).encode()
+    _write_atomic(fs, f"{root.rstrip('/')}/{STATS_NAME}", lambda f: f.write(text))
+    return result
+
+
+_WAT_DATE = "2024-01-01T00:00:00Z"
+
+
+def _record_id(*parts: str) -> str:
+    """A deterministic WARC-Record-ID, so identical input gives identical files."""
+    return f"<urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, chr(0).join(parts))}>"
+
+
+def wat_envelope(page_url: str, links: Iterable[tuple[str, str | None]],
+                 base: str | None = None, title: str | None = None) -> dict:
+    """The JSON Common Crawl writes for an HTML response whose `<img>` tags are `links`."""
+    head: dict = {"Title": title or page_url}
+    if base is not None:
+        head["Base"] = base
+    link_list = [{"path": IMG_PATH, "url": src, **({"alt": alt} if alt is not None else {})}
+                 for src, alt in links]
+    http = {"Response-Message": {"Version": "HTTP/1.1", "Status": "200", "Reason": "OK"},
+            "Headers": {"Content-Type": "text/html; charset=UTF-8"},
+            "HTML-Metadata": {"Head": head, "Links": link_list}}
+    warc = {"WARC-Type": "response", "WARC-Target-URI": page_url, "WARC-Date": _WAT_DATE,
+            "WARC-Record-ID": _record_id("response", page_url),
+            "Content-Type": "application/http; msgtype=response"}
+    return {"Container": {"Filename": "synthetic.warc.gz", "Compressed": True},
+            "Envelope": {"Format": "WARC", "WARC-Header-Metadata": warc,
+                         "Payload-Metadata": {
+                             "Actual-Content-Type": "application/http; msgtype=response",
+                             "HTTP-Response-Metadata": http}}}
+
+
+def _request_envelope(page_url: str) -> dict:
+    """The JSON Common Crawl writes for the HTTP request of a page (no links)."""
+    warc = {"WARC-Type": "request", "WARC-Target-URI": page_url, "WARC-Date": _WAT_DATE,
+            "WARC-Record-ID": _record_id("request", page_url),
+            "Content-Type": "application/http; msgtype=request"}
+    http = {"Request-Message": {"Method": "GET", "Path": "/", "Version": "HTTP/1.1"},
+            "Headers": {"User-Agent": "clip-pipeline-synthetic"}}
+    return {"Container": {"Filename": "synthetic.warc.gz", "Compressed": True},
+            "Envelope": {"Format": "WARC", "WARC-Header-Metadata": warc,
+                         "Payload-Metadata": {
+                             "Actual-Content-Type": "application/http; msgtype=request",
+                             "HTTP-Request-Metadata": http}}}
+
+
+def write_wat_record(writer: WARCWriter, target_uri: str, envelope: dict) -> None:
+    """Append one WAT `metadata` record (Content-Type application/json) to `writer`."""
+    data = json.dumps(envelope, separators=(",", ":")).encode()
+    refers_to = _get(envelope, "Envelope", "WARC-Header-Metadata", "WARC-Record-ID") or ""
+    headers = {"WARC-Date": _WAT_DATE, "Content-Type": "application/json",
+               "WARC-Record-ID": _record_id("wat", target_uri, refers_to),
+               "WARC-Refers-To": refers_to}
+    writer.write_record(writer.create_warc_record(
+        target_uri, "metadata", payload=io.BytesIO(data), length=len(data),
+        warc_headers_dict=headers))
+
+
+def write_warcinfo(writer: WARCWriter, filename: str) -> None:
+    """Append the `warcinfo` record that opens every Common Crawl WAT file."""
+    data = b"software: clip-pipeline\r\nformat: WARC File Format 1.0\r\n"
+    writer.write_record(writer.create_warc_record(
+        "", "warcinfo", payload=io.BytesIO(data), length=len(data),
+        warc_headers_dict={"WARC-Date": _WAT_DATE, "WARC-Filename": filename,
+                           "WARC-Record-ID": _record_id("warcinfo", filename),
+                           "Content-Type": "application/warc-fields"}))
+
+
+def write_wat_file(path: str, pages: Iterable[Sequence], *,
+                   storage_options: dict | None = None) -> str:
+    """Write a gzipped WAT file of pages `(page_url, [(src, alt), ...], base=None)`.
+
+    Each page gets a request and a response `metadata` record, as in Common Crawl; an alt
+    of None leaves the attribute out. Returns `path`.
+    """
+    with fsspec.open(path, "wb", **(storage_options or {})) as f:
+        writer = WARCWriter(f, gzip=True)
+        write_warcinfo(writer, path.rsplit("/", 1)[-1])
+        for page in pages:
+            page_url, links, base = (*page, None)[:3]
+            write_wat_record(writer, page_url, _request_envelope(page_url))
+            write_wat_record(writer, page_url, wat_envelope(page_url, links, base))
+    return path
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `clip-pipeline extract WAT... OUT`."""
+    parser.add_argument("wat", nargs="+", metavar="WAT",
+                        help="WAT files (.warc.wat.gz), any fsspec URI; globs are expanded")
+    parser.add_argument("out", metavar="OUT", help="output folder for part-NNNNN.parquet")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="parallel files for --executor local (default: all cores)")
+    parser.add_argument("--min-caption-len", type=int, default=None, metavar="N")
+    parser.add_argument("--max-caption-len", type=int, default=None, metavar="N")
+    parser.add_argument("--lang", type=_csv, default=None, metavar="CODES",
+                        help="keep captions detected as these ISO 639-1 codes, e.g. en,und "
+                             "(approximate stopword detector; 'und' = undetermined)")
+    parser.add_argument("--ext", type=_csv, default=None, metavar="EXTS",
+                        help="keep image URLs whose path ends in these extensions, e.g. jpg,png")
+    parser.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="local process pool, or Ray tasks (RAY_ADDRESS or a local cluster)")
+    parser.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS, metavar="N")
+
+
+def _cli_executor(name: str):
+    """A context yielding None (the local pool) or, for "ray", flows.executors.RayExecutor.
+
+    The only import from flows/, made lazily and only for `--executor ray`: the command
+    line is an entry point, and the library itself never talks to Ray.
+    """
+    if name == "local":
+        return contextlib.nullcontext(None)
+    return importlib.import_module("flows.executors").RayExecutor()
+
+
+def run_extract_command(args: argparse.Namespace) -> int:
+    """Run `extract` from parsed arguments; print one summary line."""
+    with _cli_executor(args.executor) as executor:
+        stats = extract(args.wat, args.out, workers=args.workers, executor=executor,
+                        min_caption_len=args.min_caption_len,
+                        max_caption_len=args.max_caption_len, languages=args.lang,
+                        image_extensions=args.ext, shard_rows=args.shard_rows)
+    t = stats.totals
+    print(f"extract: {len(stats.files)} files, {t.pages} pages, {t.img_links} img links -> "
+          f"{stats.rows} pairs in {len(stats.shards)} shards ({stats.pairs_per_s:,.0f} pairs/s); "
+          f"errors {sum(t.errors.values())}; stats in {args.out.rstrip('/')}/{STATS_NAME}")
+    return 0
