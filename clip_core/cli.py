@@ -52,6 +52,11 @@ def _cmd_web_generate(args: argparse.Namespace) -> int:
     out = generate_web(args.out, n_pairs=args.pairs, seed=args.seed, base_url=args.base_url,
                        image_size=args.image_size, eval_sizes=args.eval_size)
     print(f"wrote a synthetic web of {args.pairs} pairs to {out} (pairs.parquet, eval/, web.json)")
+    if args.wat:
+        from clip_core.data.wat_export import write_web_wat
+
+        files = write_web_wat(out, out.rstrip("/") + "/wat")
+        print(f"wrote its pages as {len(files)} WAT file(s) under {out.rstrip('/')}/wat")
     return 0
 
 
@@ -72,6 +77,7 @@ def _add_web(sub: argparse._SubParsersAction) -> None:
                    help="where `web serve` will answer; image URLs start with it")
     g.add_argument("--image-size", type=int, default=128, help="side of the rendered web images")
     g.add_argument("--eval-size", type=int, default=None, help="images per eval split (default 300)")
+    g.add_argument("--wat", action="store_true", help="also write its pages as Common Crawl WAT files (OUT/wat/)")
     g.set_defaults(handler=_cmd_web_generate)
     s = web.add_parser("serve", help="serve a generated web until Ctrl-C (loopback addresses only)")
     s.add_argument("root", help="folder written by `web generate`")
