@@ -95,6 +95,13 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_extract_command)
 
 
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    from clip_core.eval.run import add_evaluate_arguments
+
+    add_evaluate_arguments(sub.add_parser(
+        "evaluate", help="zero-shot, retrieval and linear-probe evaluation of a checkpoint"))
+
+
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the model presets (OpenAI's architectures and tiny ones)")
     p.add_argument("--params", action="store_true", help="also count parameters (builds each on the meta device)")
@@ -111,7 +118,7 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_tokenize)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_web, _add_extract, _add_models, _add_tokenize]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_web, _add_extract, _add_evaluate, _add_models, _add_tokenize]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,219 @@
+"""The evaluate driver: checkpoint resolution, JSON + Markdown output, the CLI hooks, the flow."""
+import argparse
+import importlib.util
+import io
+import json
+import os
+import shutil
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from clip_core.eval.run import (
+    add_evaluate_arguments, default_model_name, evaluate, markdown_table, resolve_checkpoint,
+    run_evaluate_command,
+)
+from clip_core.model import create_model, save_checkpoint
+
+
+def image(k: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 16), (60 * k % 256, 90, 30 * k % 256)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def write_split(folder, samples) -> None:
+    folder.mkdir(parents=True)
+    with tarfile.open(folder / "000000.tar", "w") as tar:
+        for key, fields in samples:
+            for ext, data in fields.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny checkpoint, a classification set (train + test) and a retrieval set."""
+    root = tmp_path_factory.mktemp("eval")
+    save_checkpoint(create_model("tiny"), root / "ckpt")
+    shapes = root / "shapes"
+    for split, n in (("train", 12), ("test", 6)):
+        write_split(shapes / split, [(f"{i:03d}", {"jpg": image(i), "cls": b"%d" % (i % 3)}) for i in range(n)])
+    (shapes / "classnames.txt").write_text("circle\nsquare\ntriangle\n")
+    (shapes / "templates.txt").write_text("a photo of a {c}.\na drawing of a {c}.\n")
+    captions = [{"jpg": image(i), "txt": f"picture {i}\nimage number {i}".encode()} for i in range(4)]
+    write_split(root / "flickr" / "test", [(f"r{i}", c) for i, c in enumerate(captions)])
+    return root
+
+
+@pytest.mark.slow
+def test_driver_writes_json_and_markdown(workdir, tmp_path):
+    out = tmp_path / "results"
+    records = evaluate(workdir / "ckpt", [workdir / "shapes", workdir / "flickr"],
+                       ("zeroshot", "retrieval", "linear-probe"), out, batch_size=4, progress=False)
+    assert [(r["dataset"], r["task"]) for r in records] == [
+        ("shapes", "zeroshot_classification"), ("shapes", "linear_probe"), ("flickr", "zeroshot_retrieval")]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["flickr_ckpt_zeroshot_retrieval.json", "results.md", "shapes_ckpt_linear_probe.json",
+                     "shapes_ckpt_zeroshot_classification.json"]
+    zs = json.loads((out / "shapes_ckpt_zeroshot_classification.json").read_text())
+    assert set(zs) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
+    assert zs["model"] == "ckpt" and zs["pretrained"] == str(workdir / "ckpt")
+    assert set(zs["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"} and zs["metrics"]["acc5"] is None
+    ret = json.loads((out / "flickr_ckpt_zeroshot_retrieval.json").read_text())["metrics"]
+    assert set(ret) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
+    assert ret["image_retrieval_recall@5"] == 1.0  # only 4 images: top 5 holds them all
+    lp = json.loads((out / "shapes_ckpt_linear_probe.json").read_text())["metrics"]
+    assert 0.0 <= lp["acc1"] <= 1.0 and lp["C"] > 0
+    md = (out / "results.md").read_text()
+    assert "## zeroshot_classification" in md and "| ckpt | shapes |" in md and "text_retrieval_recall@1" in md
+
+
+def test_markdown_table_over_all_results():
+    records = [{"dataset": "d", "model": "m", "task": "linear_probe", "metrics": {"acc1": 0.5, "C": 3.16}},
+               {"dataset": "e", "model": "m", "task": "linear_probe", "metrics": {"acc1": 0.25, "C": 100.0}}]
+    table = markdown_table(records)
+    assert "| m | d | 50.00 | 3.16 |" in table and "| m | e | 25.00 | 100 |" in table
+
+
+def _touch_checkpoint(folder, model=None):
+    save_checkpoint(model or create_model("tiny"), folder)
+    return folder
+
+
+def test_resolve_checkpoint_picks_the_newest(tmp_path):
+    run = tmp_path / "run"
+    model = create_model("tiny")
+    for step in (2, 10):
+        _touch_checkpoint(run / f"step_{step:06d}", model)
+    (run / "step_000020").mkdir()  # being written: no weights yet
+    assert resolve_checkpoint(run) == run / "step_000010"
+    assert default_model_name(run, run / "step_000010") == "run-step_000010"
+    ray = tmp_path / "ray"
+    for i, name in enumerate(("checkpoint_2025-01-02_00-00-00.000000", "checkpoint_2025-01-01_00-00-00.000000")):
+        _touch_checkpoint(ray / "checkpoints" / name, model)
+        os.utime(ray / "checkpoints" / name, (time.time() - 100 * i, time.time() - 100 * i))
+    assert resolve_checkpoint(ray).name == "checkpoint_2025-01-02_00-00-00.000000"
+
+
+def test_resolve_checkpoint_in_a_training_output(tmp_path):
+    out = tmp_path / "out"
+    model = create_model("tiny")
+    for step in (4, 8):
+        _touch_checkpoint(out / "ray" / "train" / f"step_{step:08d}", model)
+    nested = out / "ray" / "train" / "step_00000008"
+    assert resolve_checkpoint(out) == nested  # step numbers decide
+    assert default_model_name(out, nested) == "out-step_00000008"
+    _touch_checkpoint(out / "model", model)  # the exported final model, written last
+    for i, folder in enumerate((out / "model", nested, out / "ray" / "train" / "step_00000004")):
+        os.utime(folder, (time.time() - 100 * i, time.time() - 100 * i))
+    assert resolve_checkpoint(out) == out / "model"  # mixed names: modification time decides
+
+
+def test_resolve_checkpoint_files_and_failures(tmp_path):
+    folder = _touch_checkpoint(tmp_path / "c")
+    assert resolve_checkpoint(folder / "model.safetensors") == folder / "model.safetensors"
+    (folder / "config.json").unlink()
+    assert resolve_checkpoint(folder) == folder / "model.safetensors"  # architecture from the weights
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint in .*empty"):
+        resolve_checkpoint(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        resolve_checkpoint(tmp_path / "missing")
+
+
+def test_weights_that_disagree_with_config(workdir, tmp_path):
+    bad = _touch_checkpoint(tmp_path / "bad")
+    config = json.loads((bad / "config.json").read_text())
+    config["text_cfg"]["layers"] += 1
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="model.safetensors does not match config.json.*missing keys"):
+        evaluate(bad, [workdir / "shapes"], out_dir=tmp_path / "out")
+
+
+def test_driver_input_errors(workdir, tmp_path):
+    with pytest.raises(ValueError, match="unknown task"):
+        evaluate(workdir / "ckpt", [workdir / "shapes"], ("zero-shot",), tmp_path)
+    with pytest.raises(ValueError, match="no task among"):
+        evaluate(workdir / "ckpt", [workdir / "shapes"], ("retrieval",), tmp_path)
+    with pytest.raises(ValueError, match="2 dataset names for 1"):
+        evaluate(workdir / "ckpt", [workdir / "shapes"], dataset_names=["a", "b"], out_dir=tmp_path)
+    with pytest.raises(ValueError, match="no 'train' split for the linear probe"):
+        evaluate(workdir / "ckpt", [_no_train(workdir, tmp_path)], ("linear-probe",), tmp_path)
+    with pytest.raises(ValueError, match="share a name"):
+        evaluate(workdir / "ckpt", [workdir / "shapes", _no_train(workdir, tmp_path)], out_dir=tmp_path,
+                 dataset_names=["same"])
+
+
+def _no_train(workdir, tmp_path):
+    """The shapes set without its train split."""
+    copy = tmp_path / "shapes-test-only"
+    if not copy.exists():
+        shutil.copytree(workdir / "shapes", copy, ignore=shutil.ignore_patterns("train"))
+    return copy
+
+
+def test_cli_handler(workdir, tmp_path, capsys):
+    parser = add_evaluate_arguments(argparse.ArgumentParser(prog="clip-pipeline evaluate"))
+    args = parser.parse_args([str(workdir / "ckpt"), str(workdir / "shapes"), "--task", "zeroshot",
+                              "--out", str(tmp_path / "o"), "--batch-size", "3", "--dataset-name", "toy",
+                              "--model-name", "tiny-test", "--no-progress"])
+    assert args.handler is run_evaluate_command
+    assert args.handler(args) == 0
+    assert "| tiny-test | toy |" in capsys.readouterr().out
+    assert (tmp_path / "o" / "toy_tiny-test_zeroshot_classification.json").is_file()
+
+
+def test_mlflow_metric_names():
+    from flows.evaluate import mlflow_metrics
+
+    records = [{"dataset": "flickr", "task": "zeroshot_retrieval",
+                "metrics": {"image_retrieval_recall@1": 0.5, "acc5": None, "bad": float("nan")}}]
+    assert mlflow_metrics(records) == {"eval/flickr/zeroshot_retrieval/image_retrieval_recall_at_1": 0.5}
+
+
+@pytest.mark.slow
+def test_log_results_into_an_existing_run(tmp_path):
+    from mlflow import MlflowClient
+
+    from flows.evaluate import log_results_to_mlflow
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("train")).info.run_id
+    records = [{"dataset": "d", "model": "m", "task": "linear_probe", "metrics": {"acc1": 0.75, "C": 10.0}}]
+    assert log_results_to_mlflow(records, tracking_uri=client.tracking_uri, run_id=run_id) == run_id
+    assert client.get_run(run_id).data.metrics == {"eval/d/linear_probe/acc1": 0.75, "eval/d/linear_probe/C": 10.0}
+
+
+def _prefect_server_can_start() -> bool:
+    """False where the `dataclasses` 0.6 backport sits beside prefect: its ephemeral server runs
+    uvicorn with --app-dir on that folder, the backport shadows the stdlib and the server exits."""
+    spec = importlib.util.find_spec("prefect")
+    return spec is not None and not (Path(spec.origin).parents[1] / "dataclasses.py").exists()
+
+
+@pytest.mark.slow
+def test_flow_logs_to_mlflow(workdir, tmp_path, monkeypatch):
+    assert _prefect_server_can_start(), "the dataclasses==0.6 backport breaks Prefect's server: `make setup` removes it"
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.evaluate import evaluate as evaluate_flow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with prefect_test_harness():
+        records = evaluate_flow(str(workdir / "ckpt"), [str(workdir / "flickr")], ["retrieval"],
+                                str(tmp_path / "out"), batch_size=4, mlflow_uri=uri)
+    assert records[0]["task"] == "zeroshot_retrieval"
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("clip-eval").experiment_id])[0]
+    assert run.data.metrics["eval/flickr/zeroshot_retrieval/image_retrieval_recall_at_5"] == 1.0
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} >= {"eval/results.md"}
