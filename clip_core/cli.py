@@ -87,6 +87,14 @@ def _add_web(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(handler=_cmd_web_serve)
 
 
+def _add_crawl(sub: argparse._SubParsersAction) -> None:
+    from clip_core.crawl import add_crawl_arguments, run_crawl_command
+
+    p = sub.add_parser("crawl", help="download pairs with img2dataset into WebDataset shards (URL-safe, resumable)")
+    add_crawl_arguments(p)
+    p.set_defaults(handler=run_crawl_command)
+
+
 def _add_extract(sub: argparse._SubParsersAction) -> None:
     from clip_core.extract import add_extract_arguments, run_extract_command
 
@@ -100,6 +108,26 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
     add_evaluate_arguments(sub.add_parser(
         "evaluate", help="zero-shot, retrieval and linear-probe evaluation of a checkpoint"))
+
+
+def _cmd_overlap(args: argparse.Namespace) -> int:
+    from dedup.analysis import run_overlap_analysis
+    from dedup.report import markdown_table
+
+    stats = run_overlap_analysis(args.checkpoint, args.eval, args.matches, args.out, batch_size=args.batch_size)
+    print(markdown_table(stats))
+    print(f"wrote overlap.json, overlap.md and overlap.png to {args.out}")
+    return 0
+
+
+def _add_overlap(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("overlap", help="CLIP Sec. 5 overlap analysis: zero-shot accuracy on All / Clean / Overlap")
+    p.add_argument("checkpoint", help="checkpoint file or folder, or a training output folder (latest checkpoint)")
+    p.add_argument("--matches", required=True, help="matches.parquet written by `clip-pipeline dedup`")
+    p.add_argument("--eval", nargs="+", required=True, metavar="EVALDIR", help="classification eval sets")
+    p.add_argument("--out", required=True, help="folder for overlap.json, overlap.md, overlap.png")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(handler=_cmd_overlap)
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
@@ -118,7 +146,7 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_tokenize)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_web, _add_extract, _add_evaluate, _add_models, _add_tokenize]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_web, _add_extract, _add_crawl, _add_evaluate, _add_overlap, _add_models, _add_tokenize]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,125 @@
+"""A guard proxy: the crawl's URL policy applied to every connection img2dataset opens.
+
+Checking the pairs before the crawl is not enough: urllib follows redirects, so a public
+page answering `302 Location: http://169.254.169.254/` would reach the metadata service,
+and a host can resolve to another address at fetch time than at check time (DNS
+rebinding). img2dataset offers no hook into its workers, but urllib honours `http_proxy`,
+`https_proxy` and `ftp_proxy`: the crawl points them at this proxy on 127.0.0.1, which
+checks each request (every redirect hop is a new one; https arrives as CONNECT), connects
+to the address it vetted, and answers a refusal with `403 Refused by crawl policy (REASON)`.
+"""
+from __future__ import annotations
+
+import contextlib
+import socket
+import socketserver
+import threading
+from urllib.parse import urlsplit
+
+from clip_core.crawl_safety import UrlPolicy
+
+REFUSED = "Refused by crawl policy"
+MAX_HEAD = 64 * 1024
+HOP_HEADERS = (b"proxy-connection:", b"proxy-authorization:")
+
+
+def _read_head(sock: socket.socket) -> tuple[bytes, bytes] | None:
+    """(request head, bytes after it) from a client socket; None when it ends early."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk or len(data) > MAX_HEAD:
+            return None
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def _target(method: str, target: str) -> tuple[str, int, str]:
+    """(url to check, port, origin-form path) of a proxy request line."""
+    if method == "CONNECT":
+        parts = urlsplit(f"//{target}")
+        return f"https://{target}/", parts.port or 443, ""
+    parts = urlsplit(target)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return target, parts.port or 80, path
+
+
+def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    """Copy bytes until src ends, then end dst's sending side."""
+    with contextlib.suppress(OSError):
+        while data := src.recv(65536):
+            dst.sendall(data)
+    with contextlib.suppress(OSError):
+        dst.shutdown(socket.SHUT_WR)
+
+
+def _reply(sock: socket.socket, code: int, reason: str) -> None:
+    sock.sendall(f"HTTP/1.1 {code} {reason}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+
+
+class _GuardHandler(socketserver.BaseRequestHandler):
+    """One proxied connection: plain HTTP (absolute URI) or a CONNECT tunnel."""
+
+    def handle(self):
+        client, server = self.request, self.server
+        client.settimeout(server.timeout_s)
+        with contextlib.suppress(OSError):
+            request = _read_head(client)
+            if request is not None:
+                self._forward(client, *request)
+
+    def _forward(self, client: socket.socket, head: bytes, rest: bytes) -> None:
+        line, _, headers = head.partition(b"\r\n")
+        try:
+            method, target, version = line.decode("latin-1").split(" ", 2)
+            url, port, path = _target(method, target)
+        except ValueError:
+            return _reply(client, 400, "Bad Request")
+        reason, addresses = self.server.policy.vet(url)
+        if reason is not None:
+            return _reply(client, 403, f"{REFUSED} ({reason})")
+        try:
+            upstream = socket.create_connection((str(addresses[0]), port), timeout=self.server.timeout_s)
+        except OSError as err:
+            return _reply(client, 502, f"Bad Gateway ({err.strerror or err})")
+        with upstream:
+            if method != "CONNECT":  # urllib sends a GET's head only, with "Connection: close"
+                kept = [h for h in headers.split(b"\r\n") if not h.lower().startswith(HOP_HEADERS)]
+                upstream.sendall(b"\r\n".join([f"{method} {path} {version}".encode("latin-1"), *kept])
+                                 + b"\r\n\r\n" + rest)
+                return _pipe(upstream, client)
+            client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            outbound = threading.Thread(target=_pipe, args=(client, upstream), daemon=True)
+            outbound.start()
+            _pipe(upstream, client)
+            outbound.join()
+
+
+class _GuardServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 256
+
+
+class GuardProxy:
+    """A forward proxy on 127.0.0.1 that lets through only what `policy` allows."""
+
+    def __init__(self, policy: UrlPolicy, timeout: float = 10.0):
+        self.server = _GuardServer(("127.0.0.1", 0), _GuardHandler)
+        self.server.policy, self.server.timeout_s = policy, timeout
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+
+    @property
+    def url(self) -> str:
+        """The proxy's address, for http_proxy / https_proxy."""
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self) -> GuardProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
