@@ -195,11 +195,19 @@ def guard_env(proxy_url: str) -> dict[str, str]:
     return {**proxies, **{k.upper(): v for k, v in proxies.items()}, "no_proxy": bypass, "NO_PROXY": bypass}
 
 
+MAX_IMAGE_PIXELS = 89_478_485 * 2  # PIL's decompression-bomb error threshold
+
+
 @contextlib.contextmanager
 def _img2dataset_env(extra: dict[str, str]) -> Iterator[dict[str, str]]:
-    """NO_ALBUMENTATIONS_UPDATE=1 (it calls out on import), a private TMPDIR and `extra`, then restore."""
+    """NO_ALBUMENTATIONS_UPDATE=1 (it calls out on import), a private TMPDIR, a pixel cap and `extra`, then restore.
+
+    OpenCV decodes up to 2^30 pixels by default: a 30000 x 30000 decompression bomb (a few
+    hundred kB on the wire) would take 2.7 GB per worker before img2dataset sees its size.
+    """
     tmp = tempfile.mkdtemp(prefix="clip-crawl-")
-    updates = {"NO_ALBUMENTATIONS_UPDATE": "1", "TMPDIR": tmp, **extra}
+    updates = {"NO_ALBUMENTATIONS_UPDATE": "1", "TMPDIR": tmp,
+               "OPENCV_IO_MAX_IMAGE_PIXELS": os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS)), **extra}
     saved = {k: os.environ.get(k) for k in updates}
     os.environ.update(updates)
     try:
