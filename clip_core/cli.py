@@ -103,6 +103,14 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_extract_command)
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from clip_core.train.config import add_train_arguments, run_train_command
+
+    p = sub.add_parser("train", help="contrastive training on Ray Train (local cluster or RAY_ADDRESS), MLflow-logged")
+    add_train_arguments(p)
+    p.set_defaults(handler=run_train_command)
+
+
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     from clip_core.eval.run import add_evaluate_arguments
 
@@ -146,7 +154,7 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_tokenize)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_web, _add_extract, _add_crawl, _add_evaluate, _add_overlap, _add_models, _add_tokenize]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_web, _add_extract, _add_crawl, _add_train, _add_evaluate, _add_overlap, _add_models, _add_tokenize]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,236 @@
+"""MLflow tracking for CLIP training runs (Radford et al. 2021, Section 2.5), rank 0 only.
+
+The driver opens the run (every option and the preset as params; git commit, corpus URI
+and its crawl stats as tags), rank 0 logs per-step metrics and periodic zero-shot accuracy
+(Section 3.1) into that run through `MetricsCallback` and `ZeroShotEval`, and the driver
+closes it with the final checkpoint as an artifact and a registered model version.
+Tracking never stops training: a server that is down, or goes down, is warned about, and
+every row is also written to OUT/metrics.jsonl.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import fsspec
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from clip_core.train.optim import unwrap as _unwrap
+
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "V100": 125.0, "A10": 125.0}
+
+
+def default_tracking_uri(output: str) -> str:
+    """MLFLOW_TRACKING_URI, else a SQLite file in the output folder."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output).resolve()}/mlflow.db"
+
+
+def reachable(uri: str, timeout: float = 3.0) -> bool:
+    """Whether an http(s) tracking server answers /health; other URIs are local and count as reachable."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class Tracker:
+    """An MLflow client that warns instead of raising; a no-op when the server is down."""
+
+    def __init__(self, uri: str | None, run_id: str | None = None):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # a dead server must not stall steps
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self.uri, self.run_id, self.client = uri, run_id, None
+        if uri is None:  # offline: metrics.jsonl only
+            return
+        if reachable(uri):
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=uri)
+        else:
+            warnings.warn(f"MLflow at {uri} is unreachable; metrics go to metrics.jsonl only")
+
+    def _call(self, what: str, fn: Callable, *args, **kwargs):
+        if self.client is None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # tracking is best effort: any client or server error is a warning
+            warnings.warn(f"MLflow {what} failed ({type(e).__name__}: {e}); training goes on")
+            return None
+
+    def start(self, experiment: str, run_name: str, params: dict, tags: dict) -> str | None:
+        """Open a run with params and tags; returns its id (None when MLflow is down)."""
+        run = self._call("start", self._start, experiment, run_name, tags)
+        self.run_id = run.info.run_id if run else None
+        items = [(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):
+            self.log_params(dict(items[i:i + 100]))
+        return self.run_id
+
+    def _start(self, experiment: str, run_name: str, tags: dict):
+        found = self.client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        return self.client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        if self.run_id:
+            rows = [Param(k, v) for k, v in params.items()]
+            self._call("log params", self.client.log_batch, self.run_id, params=rows)
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        from mlflow.entities import Metric
+
+        if self.run_id:
+            now = int(time.time() * 1000)
+            rows = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+            self._call("log metrics", self.client.log_batch, self.run_id, metrics=rows)
+
+    def log_artifacts(self, folder: str, artifact_path: str) -> None:
+        if self.run_id:
+            self._call("log artifacts", self.client.log_artifacts, self.run_id, folder, artifact_path)
+
+    def register(self, name: str, artifact_path: str):
+        """A new version of registered model `name` from this run's artifact."""
+        if not self.run_id:
+            return None
+        return self._call("register model", self._register, name, artifact_path)
+
+    def _register(self, name: str, artifact_path: str):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as e:
+            if "RESOURCE_ALREADY_EXISTS" not in str(e) and "already exists" not in str(e).lower():
+                raise
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+        return self.client.create_model_version(name, source, self.run_id)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.run_id:
+            self._call("end run", self.client.set_terminated, self.run_id, status)
+
+
+def git_commit(cwd: str | None = None) -> str:
+    """HEAD's commit (with "-dirty" when the tree has changes), or "unknown"."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True)
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def corpus_tags(corpus: str, n_shards: int) -> dict:
+    """Tags naming the corpus and its crawl_stats.json scalars, if the file is there."""
+    tags = {"corpus": corpus, "corpus.shards": n_shards}
+    try:
+        with fsspec.open(corpus.rstrip("/") + "/crawl_stats.json", "r") as f:
+            stats = json.load(f)
+        tags.update({f"corpus.{k}": v for k, v in flatten(stats).items() if isinstance(v, (int, float, str))})
+    except (OSError, ValueError):
+        pass
+    return tags
+
+
+def flops_per_sample(meta: torch.nn.Module, image_size: int, context_length: int) -> float:
+    """Forward + backward FLOPs of one sample of a model built on the meta device."""
+    image = torch.zeros(2, 3, image_size, image_size, device="meta")
+    text = torch.zeros(2, context_length, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        outputs = meta(image, text)
+        sum(o.sum() for o in outputs).backward()
+    return counter.get_total_flops() / 2
+
+
+def peak_flops(peak_tflops: float | None, device: torch.device) -> float | None:
+    """Peak FLOP/s per device: the option, else a known GPU's dense bf16 figure, else None."""
+    if peak_tflops:
+        return peak_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return None
+
+
+class MetricsCallback:
+    """Rank 0: per-step metrics (+ throughput, MFU, extras) to metrics.jsonl and MLflow."""
+
+    def __init__(self, tracker: Tracker, log_path: str | Path, log_every: int, world_size: int,
+                 flops: float | None = None, peak: float | None = None, extras: Callable | None = None):
+        self.tracker, self.log_path, self.log_every = tracker, Path(log_path), log_every
+        self.world_size, self.flops, self.peak, self.extras = world_size, flops, peak, extras
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def row(self, trainer) -> dict:
+        m = dict(trainer.metrics)
+        m["samples_per_s_worker"] = m.pop("samples_per_s")
+        m["samples_per_s"] = m["samples_per_s_worker"] * self.world_size
+        if self.flops and self.peak:
+            m["mfu"] = self.flops * m["samples_per_s"] / (self.peak * self.world_size)
+        return {**m, **(self.extras(trainer) if self.extras else {})}
+
+    def on_step_end(self, trainer) -> None:
+        row = self.row(trainer)
+        with self.log_path.open("a") as f:
+            f.write(json.dumps({"step": trainer.step, **row}) + "\n")
+        if trainer.step % self.log_every == 0 or trainer.step == 1:
+            self.tracker.log_metrics(row, trainer.step)
+
+    def log(self, metrics: dict, step: int) -> None:
+        """Other metrics (evaluation) to both sinks."""
+        with self.log_path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.tracker.log_metrics(metrics, step)
+
+
+class ZeroShotEval:
+    """Rank 0: zero-shot accuracy on eval sets every `every` steps (0: only at the end)."""
+
+    def __init__(self, eval_dirs: list[str], every: int, sink: MetricsCallback, device):
+        self.eval_dirs, self.every, self.sink, self.device = eval_dirs, every, sink, device
+
+    def on_step_end(self, trainer) -> None:
+        if self.every and trainer.step % self.every == 0:
+            self.run(trainer)
+
+    def on_train_end(self, trainer) -> None:
+        if not self.every or trainer.step % self.every:
+            self.run(trainer)
+
+    def run(self, trainer) -> None:
+        try:
+            from clip_core.eval.zeroshot import evaluate_zeroshot
+        except ImportError:  # the evaluator is optional: training does not depend on it
+            return
+        for path in self.eval_dirs:
+            try:
+                result = evaluate_zeroshot(_unwrap(trainer.model), path, device=self.device, progress=False)
+            except (OSError, ValueError) as e:
+                warnings.warn(f"zero-shot evaluation of {path} failed: {e}")
+                continue
+            name = Path(path.rstrip("/")).name
+            self.sink.log({f"zeroshot.{name}.{k}": v for k, v in result.metrics.items() if v is not None}, trainer.step)
