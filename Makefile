@@ -10,7 +10,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export RAY_AUTH_MODE := disabled
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup test test-fast clean
+.PHONY: setup test test-fast demo train-cluster prefect-up prefect-down mlflow-ui bench clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,32 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The whole DAG on the embedded default: synthetic web on 127.0.0.1, local Ray, SQLite MLflow.
+DEMO_DIR ?= runs/demo
+demo: setup
+	$(VENV)/bin/clip-pipeline demo --storage $(DEMO_DIR)
+
+# The same training as a Ray Job on RAY_ADDRESS, or on a local head when it is unset.
+train-cluster: setup
+	PY=$(PY) bash scripts/train_cluster.sh
+
+PREFECT_PORT ?= 4200
+export PREFECT_PORT
+prefect-up: setup
+	PY=$(PY) bash scripts/prefect_up.sh
+
+prefect-down:
+	bash scripts/prefect_down.sh
+
+# The MLflow UI over the demo's SQLite store (or MLFLOW_TRACKING_URI), on 127.0.0.1.
+MLFLOW_PORT ?= 5000
+mlflow-ui: setup
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \
+		--backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(abspath $(DEMO_DIR))/mlflow.db}
+
+bench: setup
+	$(PY) bench/run_all.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

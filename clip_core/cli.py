@@ -138,6 +138,12 @@ def _add_overlap(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_overlap)
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from flows.demo import add_demo_arguments  # the demo is orchestration: it lives in flows/
+
+    add_demo_arguments(sub.add_parser("demo", help="the whole DAG on the embedded default, then a summary"))
+
+
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the model presets (OpenAI's architectures and tiny ones)")
     p.add_argument("--params", action="store_true", help="also count parameters (builds each on the meta device)")
@@ -154,7 +160,7 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_tokenize)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_web, _add_extract, _add_crawl, _add_train, _add_evaluate, _add_overlap, _add_models, _add_tokenize]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_web, _add_extract, _add_crawl, _add_train, _add_evaluate, _add_overlap, _add_demo, _add_models, _add_tokenize]
 
 
 def build_parser() -> argparse.ArgumentParser:

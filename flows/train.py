@@ -196,6 +196,8 @@ def _run_config(cfg: TrainConfig) -> RunConfig:
 def _open_run(cfg: TrainConfig, urls: list[str]) -> tuple[Tracker, str | None]:
     tracker = Tracker(cfg.mlflow_uri or default_tracking_uri(cfg.output))
     tags = {"git_commit": git_commit(str(Path(__file__).resolve().parent)), **corpus_tags(cfg.corpus, len(urls))}
+    if cfg.mlflow_parent_run_id:  # a stage of a pipeline run (flows/pipeline.py)
+        tags |= {"mlflow.parentRunId": cfg.mlflow_parent_run_id, "stage": "train"}
     params = {**cfg.to_dict(), "preset_config": load_preset(cfg.preset).to_dict()}
     return tracker, tracker.start(cfg.experiment, cfg.name, params, tags)
 

@@ -16,8 +16,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CORPUS="${CORPUS:?set CORPUS=<shards folder or URI>}"
-OUT="${OUT:?set OUT=<output folder>}"
+CORPUS="${CORPUS:-runs/demo/shards}"  # default: the demo's corpus (make demo)
+OUT="${OUT:-runs/demo/train-cluster}"
+[[ "$CORPUS" == *://* || -e "$CORPUS" ]] || { echo "no corpus at $CORPUS: run \`make demo\` first or set CORPUS=..."; exit 2; }
 TRAIN_ARGS="${TRAIN_ARGS:-}"
 PY="${PY:-.venv/bin/python}"
 [[ -x "$PY" ]] || PY=python3

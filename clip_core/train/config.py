@@ -56,6 +56,7 @@ class TrainConfig:
     ray_address: str | None = None
     mlflow_uri: str | None = None  # default MLFLOW_TRACKING_URI or sqlite:///OUT/mlflow.db
     experiment: str = "clip"
+    mlflow_parent_run_id: str | None = None  # nest the run under a pipeline run
     log_every: int = 10
     eval: list[str] = field(default_factory=list)
     exclude: str | None = None  # keys to leave out: dedup's matches.parquet, or a text file

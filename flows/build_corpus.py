@@ -1,0 +1,192 @@
+"""The `build-corpus` flow: queries -> curate -> crawl -> dedup (DESIGN.md, the DAG).
+
+Each task is a few lines: URIs in, one library call, URIs out. A stage whose marker (the
+stats JSON it writes last) exists is skipped, so a re-run redoes only what is missing.
+With no sources given, the flow builds on the embedded default: the synthetic web,
+generated under the storage URI and served on 127.0.0.1 by the flow itself.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+from prefect import flow, get_run_logger, task
+from pydantic import BaseModel, Field
+
+from flows.common import exists, free_port, join, markdown_artifact, read_json, table_artifact
+from flows.pipeline_runs import log_stage, start_parent, tracking_uri
+from flows.tracking import Tracker
+
+WORDNET = "/usr/share/wordnet"
+
+
+class CorpusConfig(BaseModel):
+    """Parameters of build-corpus; every URI may be a local path or s3://."""
+
+    storage: str = Field("runs/demo", description="root URI every stage writes under")
+    pairs: list[str] = Field(default_factory=list, description="candidate pairs Parquet; empty: the synthetic web")
+    wat: list[str] = Field(default_factory=list, description="Common Crawl WAT files to extract pairs from")
+    web_pairs: int = Field(3000, description="size of the synthetic web when it is the source")
+    web_image_size: int = 64
+    eval_size: int = Field(100, description="images per split of the synthetic eval sets")
+    seed: int = 0
+    query_corpus: list[str] = Field(default_factory=list, description="text for the query list; empty: the captions")
+    text_column: str = "caption"
+    min_count: int = Field(5, description="unigram count threshold (WIT: 100 on Wikipedia)")
+    min_pmi: float = 8.0
+    wordnet: str | None = Field(WORDNET if os.path.isdir(WORDNET) else None, description="WordNet 3.0 folder")
+    queries: str | None = Field(None, description="a ready query list; skips the queries stage")
+    max_per_query: int = Field(20000, description="t: at most this many pairs per query")
+    target_size: int | None = None
+    eval_dirs: list[str] = Field(default_factory=list, description="eval sets to dedup against; empty: the web's")
+    allow_networks: list[str] = Field(default_factory=lambda: ["127.0.0.1/32"])
+    image_size: int = 64
+    processes: int = 1
+    threads: int = 16
+    timeout: int = 10
+    descriptor: str = "default"
+    precision: float = 0.99
+
+
+@task
+def synthetic_web(cfg: CorpusConfig) -> str:
+    from clip_core.data.synthetic_web import generate_web
+
+    root = join(cfg.storage, "web")
+    if not exists(join(root, "web.json")):
+        generate_web(root, n_pairs=cfg.web_pairs, seed=cfg.seed, image_size=cfg.web_image_size,
+                     base_url=f"http://127.0.0.1:{free_port()}", eval_sizes=cfg.eval_size)
+    return root
+
+
+@task(retries=2, retry_delay_seconds=5)
+def extract_pairs(wat: list[str], out: str) -> str:
+    from clip_core.extract import extract
+
+    if not exists(join(out, "extract_stats.json")):
+        extract(wat, out)
+    return out
+
+
+@task
+def build_query_list(cfg: CorpusConfig, corpus: list[str], out: str) -> str:
+    from clip_core.curation.queries import build_queries
+
+    if not exists(out):
+        build_queries(corpus, out, min_count=cfg.min_count, min_pmi=cfg.min_pmi,
+                      wordnet_dir=cfg.wordnet, text_column=cfg.text_column)
+    return out
+
+
+@task
+def curate_pairs(cfg: CorpusConfig, pairs: list[str], queries: str, out: str) -> str:
+    from clip_core.curation.curate import curate
+
+    if not exists(join(out, "curation_stats.json")):
+        curate(pairs, queries, out, max_per_query=cfg.max_per_query, target_size=cfg.target_size, seed=cfg.seed)
+    return out
+
+
+@task(retries=2, retry_delay_seconds=5)
+def crawl_pairs(cfg: CorpusConfig, curated: str, out: str, web: str | None) -> str:
+    from clip_core.crawl import crawl
+
+    if exists(join(out, "crawl_stats.json")):
+        return out
+    with serving(web):
+        crawl(curated, out, image_size=cfg.image_size, processes=cfg.processes, threads=cfg.threads,
+              allow_networks=cfg.allow_networks, timeout=cfg.timeout)
+    return out
+
+
+@task
+def dedup_corpus(cfg: CorpusConfig, shards: str, eval_dirs: list[str], out: str) -> str:
+    from dedup.near_dup import dedup
+
+    if not exists(join(out, "dedup_stats.json")):
+        dedup(shards, out, eval_dirs, descriptor=cfg.descriptor, precision=cfg.precision, seed=cfg.seed)
+    return out
+
+
+@contextlib.contextmanager
+def serving(web: str | None):
+    """Serve the synthetic web at its base URL for the crawl; nothing for a real source."""
+    if web is None:
+        yield
+        return
+    from clip_core.data.web_server import serve_web, spec_port
+
+    with serve_web(web, port=spec_port(web)):
+        yield
+
+
+def web_eval_dirs(web: str) -> list[str]:
+    """The synthetic web's classification and retrieval eval sets."""
+    return [join(web, "eval", name) for name in ("shapes", "colors", "counts", "digits", "words", "retrieval")]
+
+
+def corpus_metrics(uris: dict) -> dict:
+    """The numbers a person checks first, with the same names in every run."""
+    cur = read_json(join(uris["curated"], "curation_stats.json"))
+    crawl = read_json(join(uris["shards"], "crawl_stats.json"))
+    metrics = {
+        "curate": {"candidates": cur["totals"]["input_rows"], "matched": cur["totals"]["matched"],
+                   "kept": cur["totals"]["kept"], "t": cur["t"], "queries_matched": cur["queries"]["matched"]},
+        "crawl": {"queued": crawl["queued"], "success": crawl["success"], "success_rate": crawl["success_rate"],
+                  "refused": sum(crawl["refused"].values()), "images_per_second": crawl["images_per_second"]},
+    }
+    if uris["dedup"]:
+        dd = read_json(join(uris["dedup"], "dedup_stats.json"))
+        metrics["dedup"] = {"corpus_images": dd["corpus_images"], "removed": dd["removed"], "kept": dd["kept"],
+                            "unreadable": dd["unreadable"]}
+        metrics["dedup"] |= {f"overlap_pct.{name}": s["overlap_pct"] for name, s in dd["eval_sets"].items()}
+    return metrics
+
+
+def report_corpus(uris: dict, mlflow_uri: str, cfg: CorpusConfig, parent_run_id: str | None = None) -> dict:
+    """Prefect artifacts (counts, plot, contact sheet) and an MLflow parent run with a child per stage."""
+    metrics = corpus_metrics(uris)
+    for stage, numbers in metrics.items():
+        table_artifact(f"{stage}-counts", [{"metric": k, "value": v} for k, v in numbers.items()],
+                       f"{stage} counts for {cfg.storage}")
+    pictures = [join(uris["curated"], "curation_counts.png")]
+    if uris["dedup"]:
+        pictures.append(join(uris["dedup"], "contact_sheet.png"))
+    markdown_artifact("corpus-pictures", "\n".join(f"![{p}]({p})" for p in pictures if exists(p)),
+                      "the curation head/tail plot and the dedup contact sheet")
+    parent = Tracker(mlflow_uri, run_id=parent_run_id) if parent_run_id else start_parent(
+        mlflow_uri, "build-corpus", cfg.model_dump())
+    files = {"curate": [join(uris["curated"], "curation_stats.json"), pictures[0]],
+             "crawl": [join(uris["shards"], "crawl_stats.json")],
+             "dedup": [join(uris["dedup"] or "", "dedup_stats.json"), pictures[-1]]}
+    for stage, numbers in metrics.items():
+        named = {f"{stage}/{k}": v for k, v in numbers.items()}
+        log_stage(parent, stage, {"storage": cfg.storage}, named, files[stage])
+    if not parent_run_id:
+        parent.end()
+    return metrics
+
+
+@flow(name="build-corpus", log_prints=True)
+def build_corpus(cfg: CorpusConfig = CorpusConfig(), mlflow_uri: str | None = None,
+                 parent_run_id: str | None = None) -> dict:
+    """queries -> curate -> crawl -> dedup; returns the URIs of every stage's output."""
+    log = get_run_logger()
+    web = None
+    if cfg.wat:
+        pairs = [extract_pairs(cfg.wat, join(cfg.storage, "candidates"))]
+    elif cfg.pairs:
+        pairs = cfg.pairs
+    else:
+        web = synthetic_web(cfg)
+        pairs = [join(web, "pairs.parquet")]
+    eval_dirs = cfg.eval_dirs or (web_eval_dirs(web) if web else [])
+    queries = cfg.queries or build_query_list(cfg, cfg.query_corpus or pairs, join(cfg.storage, "queries.parquet"))
+    curated = curate_pairs(cfg, pairs, queries, join(cfg.storage, "curated"))
+    shards = crawl_pairs(cfg, curated, join(cfg.storage, "shards"), web)
+    deduped = dedup_corpus(cfg, shards, eval_dirs, join(cfg.storage, "dedup")) if eval_dirs else None
+    uris = {"web": web, "pairs": pairs, "queries": queries, "curated": curated, "shards": shards,
+            "dedup": deduped, "eval_dirs": eval_dirs}
+    report_corpus(uris, mlflow_uri or tracking_uri(cfg.storage), cfg, parent_run_id)
+    log.info("corpus ready: %s", uris)
+    return uris

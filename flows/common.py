@@ -1,0 +1,54 @@
+"""Helpers shared by the flows: stage markers, URIs, loopback ports, Prefect artifacts.
+
+A stage is done when its marker file (the stats JSON it writes last) exists, so a re-run
+of a flow skips finished stages and redoes only what is missing.
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+import socket
+
+import fsspec
+
+
+def join(uri: str, *parts: str) -> str:
+    """posixpath.join for URIs (local paths and s3://)."""
+    return posixpath.join(uri.rstrip("/"), *parts)
+
+
+def exists(uri: str) -> bool:
+    """Whether a file or folder exists at the fsspec URI."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs.exists(path)
+
+
+def read_json(uri: str) -> dict:
+    """A JSON file at the fsspec URI."""
+    with fsspec.open(uri, "r") as f:
+        return json.load(f)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on a loopback host right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def table_artifact(key: str, rows: list[dict], description: str) -> None:
+    """A Prefect table artifact; outside a flow run it does nothing."""
+    from prefect.artifacts import create_table_artifact
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if FlowRunContext.get() or TaskRunContext.get():
+        create_table_artifact(key=key, table=rows, description=description)
+
+
+def markdown_artifact(key: str, markdown: str, description: str) -> None:
+    """A Prefect Markdown artifact; outside a flow run it does nothing."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if FlowRunContext.get() or TaskRunContext.get():
+        create_markdown_artifact(key=key, markdown=markdown, description=description)

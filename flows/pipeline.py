@@ -1,0 +1,73 @@
+"""The `train`, `overlap-analysis` and `clip-pipeline` flows (the whole DAG of DESIGN.md).
+
+`clip-pipeline` = build-corpus -> train -> evaluate -> overlap-analysis, each a subflow, all
+under one MLflow parent run per pipeline run with a child run per stage.
+"""
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from flows.build_corpus import CorpusConfig, build_corpus, web_eval_dirs
+from flows.common import exists, join
+from flows.evaluate import evaluate
+from flows.pipeline_runs import EXPERIMENT, log_stage, start_child, start_parent, tracking_uri
+
+
+@flow(name="train", log_prints=True)
+def train_model(corpus: str, output: str, preset: str = "tiny", steps: int = 300, batch_size: int = 64,
+                lr: float = 1e-3, warmup: int = 30, workers: int = 2, cpus_per_worker: float = 0.5,
+                data_workers: int = 1, precision: str = "bf16",
+                exclude: str | None = None, eval_dirs: list[str] | None = None, mlflow_uri: str | None = None,
+                checkpoint_every: int = 100, seed: int = 0, mlflow_parent_run_id: str | None = None,
+                experiment: str = "clip") -> dict:
+    """Ray Train contrastive training of `preset` on the corpus shards; returns the summary."""
+    from clip_core.train.config import TrainConfig
+    from flows.train import train
+
+    cfg = TrainConfig(corpus=corpus, output=output, preset=preset, steps=steps, batch_size=batch_size, lr=lr,
+                      warmup=warmup, workers=workers, cpus_per_worker=cpus_per_worker, data_workers=data_workers,
+                      precision=precision, eval=eval_dirs or [],
+                      mlflow_uri=mlflow_uri, checkpoint_every=checkpoint_every, seed=seed, experiment=experiment,
+                      mlflow_parent_run_id=mlflow_parent_run_id,
+                      exclude=exclude if exclude and exists(exclude) else None)
+    return train(cfg)
+
+
+@flow(name="overlap-analysis", log_prints=True)
+def overlap_analysis(checkpoint: str, eval_dirs: list[str], matches: str, out_dir: str) -> list[dict]:
+    """CLIP Sec. 5: zero-shot accuracy on All / Clean / Overlap per eval set."""
+    from dataclasses import asdict
+
+    from dedup.analysis import run_overlap_analysis
+
+    return [asdict(s) for s in run_overlap_analysis(checkpoint, eval_dirs, matches, out_dir)]
+
+
+@flow(name="clip-pipeline", log_prints=True)
+def clip_pipeline(storage: str = "runs/demo", web_pairs: int = 3000, max_per_query: int = 500, steps: int = 300,
+                  batch_size: int = 64, workers: int = 2, preset: str = "tiny", seed: int = 0) -> dict:
+    """The whole DAG on the embedded default: corpus, training, evaluation, overlap analysis."""
+    log = get_run_logger()
+    uri = tracking_uri(storage)
+    parent = start_parent(uri, "clip-pipeline", {"storage": storage, "web_pairs": web_pairs, "steps": steps,
+                                                 "max_per_query": max_per_query, "preset": preset, "seed": seed})
+    cfg = CorpusConfig(storage=storage, web_pairs=web_pairs, max_per_query=max_per_query, seed=seed)
+    corpus = build_corpus(cfg, mlflow_uri=uri, parent_run_id=parent.run_id)
+    evals = corpus["eval_dirs"] or web_eval_dirs(corpus["web"])
+    matches = join(corpus["dedup"], "matches.parquet") if corpus["dedup"] else None
+    output = join(storage, "train")
+    summary = train_model(corpus["shards"], output, preset=preset, steps=steps, batch_size=batch_size,
+                          workers=workers, exclude=matches, mlflow_uri=uri, seed=seed,
+                          mlflow_parent_run_id=parent.run_id, experiment=EXPERIMENT)
+    child = start_child(parent, "evaluate", {"checkpoint": output})
+    records = evaluate(output, evals, ["zeroshot", "retrieval"], join(storage, "eval"), mlflow_uri=uri,
+                       mlflow_run_id=child.run_id)
+    child.end()
+    classification = [d for d in evals if not d.rstrip("/").endswith("retrieval")]
+    overlap = overlap_analysis(output, classification, matches, join(storage, "overlap")) if matches else []
+    log_stage(parent, "overlap", {"checkpoint": output},
+              {f"overlap/{o['eval_set']}/overlap_pct": o["overlap_pct"] for o in overlap},
+              [join(storage, "overlap", "overlap.md"), join(storage, "overlap", "overlap.png")])
+    parent.end()
+    log.info("pipeline done under %s", storage)
+    return {"corpus": corpus, "train": summary, "eval": records, "overlap": overlap}

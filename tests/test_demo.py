@@ -1,0 +1,78 @@
+"""The demo DAG end to end at a small size, and its MLflow runs read back through the REST API."""
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from flows.common import free_port
+
+CLI = str(Path(sys.executable).parent / "clip-pipeline")
+MLFLOW = str(Path(sys.executable).parent / "mlflow")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    env = {**os.environ, "PREFECT_HOME": str(root / "prefect"), "MLFLOW_TRACKING_URI": ""}
+    env.pop("MLFLOW_TRACKING_URI")
+    out = subprocess.run([CLI, "demo", "--storage", str(root / "run"), "--pairs", "500", "--steps", "12",
+                          "--batch-size", "16", "--max-per-query", "100"],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    return root / "run", out.stdout
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_and_prints_the_summary(demo):
+    run, stdout = demo
+    for path in ("web/web.json", "queries.parquet", "curated/curation_stats.json", "curated/curation_counts.png",
+                 "shards/crawl_stats.json", "dedup/dedup_stats.json", "dedup/matches.parquet",
+                 "train/model/model.safetensors", "eval/results.md", "overlap/overlap.md", "overlap/overlap.json"):
+        assert (run / path).exists(), path
+    assert "corpus:" in stdout and "dedup:" in stdout and "make mlflow-ui" in stdout
+    assert "shapes" in stdout and "| shapes" in stdout  # accuracy line and overlap table row
+    stats = json.loads((run / "dedup" / "dedup_stats.json").read_text())
+    assert stats["removed"] > 0  # the web plants copies of eval images: some reach the corpus
+
+
+def _get(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_mlflow_rest_api_shows_parent_and_stage_runs(demo):
+    run, _ = demo
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen([MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{run / 'mlflow.db'}"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        experiments = _get(f"{base}/experiments/search", {"max_results": 100})["experiments"]
+        ids = [e["experiment_id"] for e in experiments]
+        runs = _get(f"{base}/runs/search", {"experiment_ids": ids, "max_results": 1000})["runs"]
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+    tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+    parents = [r for r, t in zip(runs, tags) if t.get("kind") == "pipeline"]
+    children = {t.get("stage") for t in tags if "mlflow.parentRunId" in t}
+    assert parents and {"curate", "crawl", "dedup"} <= children
+    metric_names = {m["key"] for r in runs for m in r["data"].get("metrics", [])}
+    assert {"crawl/success_rate", "curate/kept", "dedup/removed"} <= metric_names
+    assert any(name.startswith("loss") or name == "train/loss" for name in metric_names)

@@ -1,0 +1,39 @@
+"""`make prefect-up`, `prefect deployment run build-corpus/default`, `make prefect-down`, for real."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.common import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+@pytest.mark.slow
+def test_build_corpus_deployment_runs_to_completed(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PREFECT_PORT": str(port), "PREFECT_STATE": str(tmp_path / "state"),
+           "CLIP_PIPELINE_DEMO_DIR": str(tmp_path / "demo"), "PY": sys.executable}
+    up = subprocess.run(["bash", "scripts/prefect_up.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=400)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert f"PREFECT_API_URL=http://127.0.0.1:{port}/api" in up.stdout
+        run_env = {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+                   "PREFECT_HOME": str(tmp_path / "state" / "home")}
+        params = json.dumps({"cfg": {"storage": str(tmp_path / "demo"), "web_pairs": 300, "eval_size": 10}})
+        run = subprocess.run([PREFECT, "deployment", "run", "build-corpus/default", "--params", params,
+                              "--watch", "--watch-timeout", "500"],
+                             cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=560)
+        assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+        for marker in ("curated/curation_stats.json", "shards/crawl_stats.json", "dedup/dedup_stats.json"):
+            assert (tmp_path / "demo" / marker).is_file(), marker
+    finally:
+        down = subprocess.run(["bash", "scripts/prefect_down.sh"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)
+    assert "stopped serve" in down.stdout and "stopped server" in down.stdout
+    assert not (tmp_path / "state" / "server.pid").exists()
