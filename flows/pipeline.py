@@ -16,6 +16,7 @@ from flows.pipeline_runs import EXPERIMENT, log_stage, start_child, start_parent
 @flow(name="train", log_prints=True)
 def train_model(corpus: str, output: str, preset: str = "tiny", steps: int = 300, batch_size: int = 64,
                 lr: float = 1e-3, warmup: int = 30, workers: int = 2, cpus_per_worker: float = 0.5,
+                gpus_per_worker: float = 0.0,
                 data_workers: int = 1, precision: str = "bf16",
                 exclude: str | None = None, eval_dirs: list[str] | None = None, mlflow_uri: str | None = None,
                 checkpoint_every: int = 100, seed: int = 0, mlflow_parent_run_id: str | None = None,
@@ -25,7 +26,8 @@ def train_model(corpus: str, output: str, preset: str = "tiny", steps: int = 300
     from flows.train import train
 
     cfg = TrainConfig(corpus=corpus, output=output, preset=preset, steps=steps, batch_size=batch_size, lr=lr,
-                      warmup=warmup, workers=workers, cpus_per_worker=cpus_per_worker, data_workers=data_workers,
+                      warmup=warmup, workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                      data_workers=data_workers,
                       precision=precision, eval=eval_dirs or [],
                       mlflow_uri=mlflow_uri, checkpoint_every=checkpoint_every, seed=seed, experiment=experiment,
                       mlflow_parent_run_id=mlflow_parent_run_id,
