@@ -87,6 +87,22 @@ def _add_web(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(handler=_cmd_web_serve)
 
 
+def _add_queries(sub: argparse._SubParsersAction) -> None:
+    from clip_core.curation.queries import add_queries_arguments, run_queries_command
+
+    p = sub.add_parser("queries", help="build the query list (WIT recipe: unigrams, PMI bigrams, titles, WordNet)")
+    add_queries_arguments(p)
+    p.set_defaults(handler=run_queries_command)
+
+
+def _add_curate(sub: argparse._SubParsersAction) -> None:
+    from clip_core.curation.curate import add_curate_arguments, run_curate_command
+
+    p = sub.add_parser("curate", help="match captions to queries and balance: at most t pairs per query")
+    add_curate_arguments(p)
+    p.set_defaults(handler=run_curate_command)
+
+
 def _add_crawl(sub: argparse._SubParsersAction) -> None:
     from clip_core.crawl import add_crawl_arguments, run_crawl_command
 
@@ -160,7 +176,7 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_tokenize)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_web, _add_extract, _add_crawl, _add_train, _add_evaluate, _add_overlap, _add_demo, _add_models, _add_tokenize]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_web, _add_extract, _add_queries, _add_curate, _add_crawl, _add_train, _add_evaluate, _add_overlap, _add_demo, _add_models, _add_tokenize]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,321 @@
+"""Curation driver: candidate pairs -> balanced WIT-style pairs (CLIP Sec. 2.2; MetaCLIP Sec. 3,
+the substring-match / count / balance stages of `metaclip/curation/curate.py`).
+
+Two per-shard maps around one small reduce (DESIGN.md, Scale):
+  pass 1  match each shard's captions and write the per-row match counts and query ids as raw
+          int32 files under OUT/_curate_tmp: pass 2 reads them back (a few ns a row) instead of
+          matching again (~2.5 us a caption), and raw files cost ~1/40 of a Parquet list column
+          to write; per-query counts go beside them as a sparse .npz, and the sampled query
+          lists that `--target-size` needs come back with the result (balance.py);
+  reduce  sum the counts (uint64), fix t (given, or solved), p_q = min(1, t / count_q);
+  pass 2  draw per (seed, uid, query) and write OUT/part-NNNNN.parquet: every input column plus
+          `query_ids: list<int32>`, written under a temporary name and renamed.
+Then OUT/curation_stats.json, OUT/_query_stats.parquet and OUT/curation_counts.png. A shard is a
+run of row groups of one input file (about shard_rows rows); a worker holds one batch of
+batch_rows rows plus its shard's matched query ids (4 bytes each), whatever the corpus size.
+Output rows do not depend on shards, executor or worker count.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import multiprocessing
+import os
+import posixpath
+import uuid
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clip_core.curation.balance import (
+    count_to_prob, expected_size, in_sample, keep_mask, keep_probability, row_keys, solve_t,
+)
+from clip_core.curation.matching import DEFAULT_MAX_CHARS, QueryMatcher, clean_captions, load_query_list
+from clip_core.curation.plot import summarize, write_report
+
+QUERY_IDS = pa.field("query_ids", pa.list_(pa.int32()))
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A unit of work: some row groups of one Parquet file."""
+    index: int
+    uri: str
+    row_groups: tuple[int, ...]
+    num_rows: int
+
+
+class LocalExecutor:
+    """map(fn, items) in-process (workers=1) or on a spawn ProcessPoolExecutor kept across maps
+    (so pass 2 reuses pass 1's processes); close() or `with` ends the pool."""
+
+    def __init__(self, workers: int | None = None):
+        self.workers = workers or os.cpu_count() or 1
+        self._pool = None
+
+    def map(self, fn, items) -> list:
+        items = list(items)
+        if self.workers <= 1 or len(items) <= 1:
+            return [fn(item) for item in items]
+        if self._pool is None:  # spawn: no fork of a process that holds Arrow's threads
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return list(self._pool.map(fn, items))
+
+    def close(self) -> None:
+        """Shut the worker processes down."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def __enter__(self) -> "LocalExecutor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def list_parquet(uris: str | list[str]) -> list[str]:
+    """Parquet files named by URIs (files or folders, any fsspec protocol), sorted per folder."""
+    files = []
+    for uri in [uris] if isinstance(uris, str) else uris:
+        fs, path = fsspec.core.url_to_fs(uri)
+        found = [p for p in sorted(fs.find(path)) if p.endswith(".parquet")] if fs.isdir(path) else [path]
+        files += [fs.unstrip_protocol(p) for p in found if not posixpath.basename(p).startswith((".", "_"))]
+    if not files:
+        raise FileNotFoundError(f"no Parquet files under {uris}")
+    return files
+
+
+def plan_shards(uris: str | list[str], shard_rows: int, required: str = "caption") -> list[Shard]:
+    """Shards of about shard_rows rows from whole row groups; checks the caption column."""
+    shards = []
+    for uri in list_parquet(uris):
+        with fsspec.open(uri, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+        names = meta.schema.to_arrow_schema().names
+        if required not in names:
+            raise ValueError(f"{uri} has no '{required}' column (columns: {names})")
+        groups, rows = [], 0
+        for g in range(meta.num_row_groups):
+            groups.append(g)
+            rows += meta.row_group(g).num_rows
+            if rows >= shard_rows:
+                shards.append(Shard(len(shards), uri, tuple(groups), rows))
+                groups, rows = [], 0
+        if groups or not meta.num_row_groups:
+            shards.append(Shard(len(shards), uri, tuple(groups), rows))
+    return shards
+
+
+@contextlib.contextmanager
+def atomic_parquet(uri: str, schema: pa.Schema, **options):
+    """A ParquetWriter on a temporary name, renamed to uri on success, removed on failure."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open(tmp, "wb") as f, pq.ParquetWriter(f, schema, **options) as writer:
+            yield writer
+        fs.mv(tmp, path)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+
+
+def _batches(shard: Shard, batch_rows: int, columns: list[str] | None = None):
+    with fsspec.open(shard.uri, "rb") as f:
+        pf = pq.ParquetFile(f)
+        if shard.row_groups:
+            yield from pf.iter_batches(batch_rows, row_groups=list(shard.row_groups), columns=columns,
+                                       use_threads=False)
+
+
+@functools.lru_cache(maxsize=2)  # one matcher per worker process, keyed by the list's content
+def cached_matcher(queries_uri: str, digest: str, case_sensitive: bool) -> QueryMatcher:
+    """The QueryMatcher of a query list, built once per process."""
+    queries, found = load_query_list(queries_uri)
+    if found != digest:
+        raise RuntimeError(f"query list {queries_uri} changed during curation")
+    return QueryMatcher(queries, case_sensitive)
+
+
+def match_shard(task: dict) -> dict:
+    """Pass 1 on one shard: per-row match lists (raw int32 files), sparse counts, a sample."""
+    shard, matcher = task["shard"], cached_matcher(task["queries_uri"], task["digest"], task["case_sensitive"])
+    matched_ids, stats, sample = [], Counter(), ([], [])
+    with fsspec.open(shard.uri, "rb") as f:
+        names = pq.read_schema(f).names
+    columns = ["caption"] + [c for c in ("uid", "url") if c in names and task["sample_rate"]]
+    with fsspec.open(_tmp(task, "lengths", shard), "wb") as lengths_file, \
+            fsspec.open(_tmp(task, "ids", shard), "wb") as ids_file:
+        for batch in _batches(shard, task["batch_rows"], columns):
+            captions, repaired = clean_captions(batch.column("caption"), task["max_chars"])
+            rows, ids = matcher.match(captions)
+            lengths = np.bincount(rows, minlength=len(batch)).astype(np.int32)
+            lengths_file.write(lengths.tobytes())
+            ids_file.write(ids.astype(np.int32).tobytes())
+            matched_ids.append(ids)
+            stats.update(repaired)
+            stats["matched"] += int(np.count_nonzero(lengths))
+            if task["sample_rate"]:
+                chosen = (lengths > 0) & in_sample(row_keys(batch), task["sample_rate"])
+                sample[0].append(lengths[chosen])
+                sample[1].append(ids[np.repeat(chosen, lengths)])
+    _save_sparse(_tmp(task, "counts", shard, ".npz"), _bincount(matched_ids, matcher.n_queries))
+    stats["no_match"] = shard.num_rows - stats["matched"] - stats["null_caption"] - stats["empty_caption"]
+    sample = tuple(np.concatenate(part) if part else np.zeros(0, np.int32) for part in sample)
+    return {"stats": dict(stats), "rejected": matcher.rejected, "sample_lengths": sample[0], "sample_ids": sample[1]}
+
+
+def sample_shard(task: dict) -> dict:
+    """Pass 2 on one shard: keep decisions, OUT/part-NNNNN.parquet, sparse kept counts."""
+    shard = task["shard"]
+    with fsspec.open(task["probs_uri"], "rb") as f:
+        probs = np.load(f)
+    kept_ids, kept, expected = [], 0, 0.0
+    with fsspec.open(shard.uri, "rb") as f:
+        schema = pq.read_schema(f)
+    if "query_ids" in schema.names:  # curating curated pairs again: replace their query_ids
+        schema = schema.remove(schema.get_field_index("query_ids"))
+    schema = schema.append(QUERY_IDS)
+    with fsspec.open(_tmp(task, "lengths", shard), "rb") as lengths_file, \
+            fsspec.open(_tmp(task, "ids", shard), "rb") as ids_file, \
+            atomic_parquet(_part_uri(task["out_uri"], shard), schema, **_output_options(schema)) as writer:
+        for batch in _batches(shard, task["batch_rows"]):
+            lengths = _read_int32(lengths_file, len(batch))
+            ids = _read_int32(ids_file, int(lengths.sum()))
+            matched = batch.filter(pa.array(lengths > 0))
+            matched = matched.drop_columns(["query_ids"]) if "query_ids" in matched.column_names else matched
+            lengths = lengths[lengths > 0]
+            parents = np.repeat(np.arange(len(lengths)), lengths)
+            keep = keep_mask(parents, ids, row_keys(matched), probs, task["seed"], len(lengths))
+            expected += float(keep_probability(parents, ids, probs, len(lengths)).sum())
+            kept_ids.append(ids[keep[parents]])
+            kept += int(keep.sum())
+            offsets = np.concatenate([[0], np.cumsum(lengths[keep])]).astype(np.int32)
+            lists = pa.ListArray.from_arrays(pa.array(offsets), pa.array(kept_ids[-1], pa.int32()),
+                                             type=QUERY_IDS.type)
+            columns = [*matched.filter(pa.array(keep)).columns, lists]
+            writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=schema))
+    _save_sparse(_tmp(task, "kept", shard, ".npz"), _bincount(kept_ids, len(probs)))
+    return {"kept": kept, "expected": expected}
+
+
+def _bincount(parts: list[np.ndarray], n: int) -> np.ndarray:
+    """Per-query counts of a shard's id arrays (one bincount, not one per batch)."""
+    return np.bincount(np.concatenate(parts) if parts else np.zeros(0, np.int64), minlength=n).astype(np.uint64)
+
+
+def _read_int32(f, n: int) -> np.ndarray:
+    data = f.read(4 * n)
+    if len(data) != 4 * n:
+        raise OSError(f"{f} ended early: pass 1's match file is truncated")
+    return np.frombuffer(data, np.int32)
+
+
+def _output_options(schema: pa.Schema) -> dict:
+    """zstd; no dictionary for the high-cardinality columns (it only costs time there)."""
+    unique = ("url", "caption", "uid", "query_ids")
+    return {"compression": "zstd", "use_dictionary": [n for n in schema.names if n not in unique]}
+
+
+def _tmp(task: dict, kind: str, shard: Shard, ext: str = ".i32") -> str:
+    return f"{task['out_uri'].rstrip('/')}/_curate_tmp/{kind}-{shard.index:05d}{ext}"
+
+
+def _part_uri(out_uri: str, shard: Shard) -> str:
+    return f"{out_uri.rstrip('/')}/part-{shard.index:05d}.parquet"
+
+
+def _save_sparse(uri: str, counts: np.ndarray) -> None:
+    nonzero = np.flatnonzero(counts)
+    with fsspec.open(uri, "wb") as f:
+        np.savez(f, ids=nonzero, counts=counts[nonzero])
+
+
+def _sum_sparse(uris: list[str], n: int) -> np.ndarray:
+    total = np.zeros(n, np.uint64)
+    for uri in uris:
+        with fsspec.open(uri, "rb") as f, np.load(f) as z:
+            total[z["ids"]] += z["counts"]
+    return total
+
+
+def curate(pairs_uris: str | list[str], queries_uri: str, out_uri: str, *, max_per_query: int = 20000,
+           target_size: int | None = None, seed: int = 0, case_sensitive: bool = True, executor=None,
+           shard_rows: int = 250_000, batch_rows: int = 16384, max_chars: int = DEFAULT_MAX_CHARS,
+           sample_size: int = 1_000_000, keep_temp: bool = False) -> dict:
+    """Match, count, balance and write curated pairs under out_uri; return the stats dict."""
+    queries, digest = load_query_list(queries_uri)
+    shards = plan_shards(pairs_uris, shard_rows)
+    fs, out = fsspec.core.url_to_fs(out_uri)
+    fs.makedirs(out, exist_ok=True)
+    for stale in fs.glob(f"{out}/part-*.parquet") + fs.glob(f"{out}/_curate_tmp"):
+        fs.rm(stale, recursive=True)  # an earlier run's parts would silently join this corpus
+    fs.makedirs(f"{out}/_curate_tmp", exist_ok=True)
+    total_rows = sum(s.num_rows for s in shards)
+    rate = min(1.0, sample_size / max(total_rows, 1)) if target_size is not None else 0.0
+    base = {"queries_uri": queries_uri, "digest": digest, "case_sensitive": case_sensitive, "out_uri": out_uri,
+            "batch_rows": batch_rows, "max_chars": max_chars, "sample_rate": rate, "seed": seed}
+    owned, executor = executor is None, executor or LocalExecutor()
+    try:
+        first = executor.map(match_shard, [{**base, "shard": s} for s in shards])
+        counts = _sum_sparse([_tmp(base, "counts", s, ".npz") for s in shards], len(queries))
+        empty = [np.zeros(0, np.int32)]
+        offsets = np.concatenate([[0], np.cumsum(np.concatenate([r["sample_lengths"] for r in first] or empty))])
+        sample_ids = np.concatenate([r["sample_ids"] for r in first] or empty)
+        t = max_per_query if target_size is None else solve_t(counts, offsets, sample_ids, target_size, rate)
+        probs_uri = f"{out_uri.rstrip('/')}/_curate_tmp/entry_prob.npy"
+        with fsspec.open(probs_uri, "wb") as f:
+            np.save(f, count_to_prob(counts, t))
+        second = executor.map(sample_shard, [{**base, "shard": s, "probs_uri": probs_uri} for s in shards])
+    finally:
+        if owned:
+            executor.close()
+    kept = _sum_sparse([_tmp(base, "kept", s, ".npz") for s in shards], len(queries))
+    settings = {k: base[k] for k in ("seed", "case_sensitive", "max_chars", "queries_uri", "sample_rate")}
+    parts = [(posixpath.basename(_part_uri(out_uri, s)), s.num_rows) for s in shards]
+    settings |= {"max_per_query": max_per_query, "target_size": target_size}
+    stats = summarize(settings, counts, int(t), first, second, parts)
+    stats["totals"]["estimated_kept"] = expected_size(offsets, sample_ids, counts, t, rate) if rate else None
+    write_report(out_uri, queries_uri, counts, kept, int(t), stats)
+    if not keep_temp:
+        fs.rm(f"{out}/_curate_tmp", recursive=True)
+    return stats
+
+
+def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
+    """`clip-pipeline curate` options."""
+    parser.add_argument("pairs", nargs="+", metavar="PAIRS", help="candidate pairs: Parquet files or folders (URIs)")
+    parser.add_argument("queries", metavar="QUERIES", help="query list Parquet (from `clip-pipeline queries`)")
+    parser.add_argument("out", metavar="OUT", help="output folder for part-NNNNN.parquet and curation_stats.json")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--max-per-query", type=int, default=20000, help="t, pairs per query (WIT: 20,000)")
+    size.add_argument("--target-size", type=int, help="solve t so the expected number of kept pairs is at most this")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the balancing draws")
+    parser.add_argument("--case-insensitive", action="store_true", help="lower-case captions and queries to match")
+    parser.add_argument("--workers", type=int, help="local worker processes (default: all cores)")
+    parser.add_argument("--executor", choices=("local", "ray"), default="local")
+    parser.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
+    parser.add_argument("--shard-rows", type=int, default=250_000, help="rows per unit of work")
+
+
+def run_curate_command(args: argparse.Namespace) -> int:
+    """Run `clip-pipeline curate` and print the totals."""
+    if args.executor == "ray":
+        from flows.executors import RayExecutor
+        executor = RayExecutor(address=args.ray_address, num_cpus=args.workers)
+    else:
+        executor = LocalExecutor(args.workers)
+    with executor:
+        stats = curate(args.pairs, args.queries, args.out, max_per_query=args.max_per_query,
+                       target_size=args.target_size, seed=args.seed, case_sensitive=not args.case_insensitive,
+                       executor=executor, shard_rows=args.shard_rows)
+    print(json.dumps({"t": stats["t"], **stats["totals"], "skipped": stats["skipped"], "out": args.out}))
+    return 0

@@ -1,0 +1,303 @@
+"""The query list of WIT (CLIP Sec. 2.2): words occurring at least 100 times in English Wikipedia,
+bigrams with high pointwise mutual information, Wikipedia article titles above a search volume,
+and WordNet synsets not already included (MetaCLIP `build_metadata.py`: views >= 70 for titles).
+
+Tokens: `\\w+` runs joined by inner ' ’ or -, case kept (MetaCLIP's entries are case-sensitive, and
+so is matching). Any other non-space character is a break: a bigram is two word tokens separated
+by whitespace only, so every counted bigram can match a caption. PMI is nltk's (MetaCLIP used
+it): log2(c(a b) * N / (c(a) * c(b))), N = all word tokens. MetaCLIP kept PMI >= 30 with no
+count floor; with N ~ 3e9 Wikipedia tokens that means c(a) c(b) <= 2.8 c(a b), pairs of rare
+words only. Here a bigram needs
+c(a b) >= min_bigram_count (default min_count) and PMI >= min_pmi (default 8 bits).
+
+Counting is a map-reduce that stays bounded on a billions-of-tokens dump:
+  map     per chunk (64 MiB byte range of a text file split at line starts, a Parquet row
+          group, or a whole compressed file) count in a Counter and spill it, whenever it holds
+          max_keys keys and at the end, to a Parquet whose row group p holds the keys with
+          hash(key) % partitions == p: memory ~ max_keys, whatever the chunk;
+  reduce  per partition p, read row group p of every spill, summing as it goes, and keep the
+          keys over the threshold: memory ~ distinct keys / partitions.
+Unigrams run first; bigrams are counted in a second pass only between words that passed the
+unigram threshold, so the bigram space is the vocabulary's, never the corpus's.
+Queries are deduplicated (first kind wins: unigram, bigram, title, synset), whitespace is
+collapsed, and entries that can never match under MetaCLIP's spacing (a , . ; : ? ! ` not
+between spaces, e.g. "U.S.") are dropped and counted.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import re
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from clip_core.curation.balance import hash_strings
+from clip_core.curation.curate import LocalExecutor, atomic_parquet
+from clip_core.curation.wordnet import wordnet_queries
+
+WORD = r"\w+(?:['’\-]\w+)*"
+_WORDS = re.compile(WORD)
+_TOKENS = re.compile(WORD + r"|\S")  # word tokens and single breaking characters
+_DEAD = re.compile(r"[^ ][,.;:?!`]|[,.;:?!`][^ ]")  # a spaced punctuation mark not between spaces
+KINDS = ("unigram", "bigram", "title", "synset")
+SCHEMA = pa.schema([("query", pa.string()), ("kind", pa.string()), ("count", pa.int64())])
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A unit of counting: bytes [start, end) of a text file (end -1: all), or Parquet row groups."""
+    uri: str
+    start: int = 0
+    end: int = -1
+    row_groups: tuple[int, ...] = ()
+
+
+def words(text: str) -> list[str]:
+    """Word tokens of a text, case kept."""
+    return _WORDS.findall(text)
+
+
+def bigrams(text: str, vocab: set[str] | frozenset[str]) -> list[str]:
+    """"a b" for adjacent word tokens (whitespace between) that are both in vocab."""
+    tokens = _TOKENS.findall(text)
+    return [f"{a} {b}" for a, b in zip(tokens, tokens[1:]) if a in vocab and b in vocab]
+
+
+def is_matchable(query: str) -> bool:
+    """False when " query " can never be in a spaced caption (MetaCLIP spacing)."""
+    return bool(query.strip()) and not _DEAD.search(f" {query} ") and not re.search(r"[\t\n\r]", query)
+
+
+def plan_chunks(uris: list[str], chunk_bytes: int = 64 << 20) -> list[Chunk]:
+    """Chunks of every file under uris (files or folders): byte ranges, row groups, whole files."""
+    chunks = []
+    for uri in uris:
+        fs, path = fsspec.core.url_to_fs(uri)
+        for p in sorted(fs.find(path)) if fs.isdir(path) else [path]:
+            full = fs.unstrip_protocol(p)
+            if p.endswith(".parquet"):
+                with fs.open(p, "rb") as f:
+                    chunks += [Chunk(full, row_groups=(g,)) for g in range(pq.ParquetFile(f).num_row_groups)]
+            elif p.endswith(_COMPRESSED):
+                chunks.append(Chunk(full))
+            else:
+                size = fs.size(p)
+                chunks += [Chunk(full, s, min(s + chunk_bytes, size)) for s in range(0, size, chunk_bytes)]
+    return chunks
+
+
+def iter_texts(chunk: Chunk, text_column: str = "text") -> Iterator[str]:
+    """Lines of a text chunk (those starting inside it) or texts of a Parquet row group."""
+    if chunk.row_groups:
+        with fsspec.open(chunk.uri, "rb") as f:
+            pf = pq.ParquetFile(f)
+            if text_column not in pf.schema_arrow.names:
+                raise ValueError(f"{chunk.uri} has no '{text_column}' column (columns: {pf.schema_arrow.names})")
+            for batch in pf.iter_batches(8192, row_groups=list(chunk.row_groups), columns=[text_column]):
+                yield from (t for t in batch.column(0).to_pylist() if t)
+        return
+    with fsspec.open(chunk.uri, "rb", compression="infer" if chunk.end < 0 else None) as f:
+        if chunk.start > 0:
+            f.seek(chunk.start - 1)
+            f.readline()  # the line holding byte start-1 belongs to the previous chunk
+        while chunk.end < 0 or f.tell() < chunk.end:
+            line = f.readline()
+            if not line:
+                break
+            yield line.decode("utf-8", "replace")
+
+
+def spill(counts: Counter, uri: str, partitions: int, listed: Counter | None = None) -> None:
+    """Write counts to one Parquet whose row group p holds the keys hashed to partition p."""
+    keys = pa.array(list(counts), pa.string())
+    part = hash_strings(keys) % np.uint64(partitions) if len(keys) else np.zeros(0, np.uint64)
+    order = np.argsort(part, kind="stable")
+    table = pa.table({"key": keys, "count": pa.array(list(counts.values()), pa.int64()),
+                      "listed": pa.array([(listed or {}).get(k, 0) for k in counts], pa.int64())}).take(order)
+    bounds = np.searchsorted(part[order], np.arange(partitions + 1))
+    with atomic_parquet(uri, table.schema) as writer:
+        for p in range(partitions):  # an empty partition still writes its (empty) row group
+            writer.write_table(table.slice(bounds[p], bounds[p + 1] - bounds[p]))
+
+
+def count_chunk(task: dict) -> dict:
+    """Map: count one chunk's unigrams, vocab bigrams or titles; spill every max_keys keys."""
+    counts, listed, tokens, bad, spills = Counter(), Counter(), 0, 0, []
+    vocab = _vocab(task["vocab_uri"]) if task["what"] == "bigram" else None
+    for text in iter_texts(task["chunk"], task["text_column"]):
+        if task["what"] == "unigram":
+            found = words(text)
+            tokens += len(found)
+            counts.update(found)
+        elif task["what"] == "bigram":
+            counts.update(bigrams(text, vocab))
+        else:
+            title, tab, count = text.rstrip("\r\n").partition("\t")
+            title = " ".join(title.replace("_", " ").split())
+            if not title or (tab and not count.strip().isdigit()):
+                bad += bool(text.strip())
+                continue
+            counts[title] += int(count) if tab else 0
+            listed[title] += not tab
+        if len(counts) >= task["max_keys"]:  # bounds the map's memory whatever the chunk holds
+            spills.append(f"{task['spill_uri']}-{len(spills):03d}.parquet")
+            spill(counts, spills[-1], task["partitions"], listed)
+            counts, listed = Counter(), Counter()
+    spills.append(f"{task['spill_uri']}-{len(spills):03d}.parquet")
+    spill(counts, spills[-1], task["partitions"], listed)
+    return {"tokens": tokens, "bad_lines": bad, "spills": spills}
+
+
+def reduce_partition(task: dict) -> pa.Table:
+    """Reduce: sum partition p over every spill; keep count >= min_count (or listed titles)."""
+    merged = None
+    for uri in task["spill_uris"]:
+        with fsspec.open(uri, "rb") as f:
+            part = pq.ParquetFile(f).read_row_group(task["partition"])
+        merged = part if merged is None else _sum_by_key(pa.concat_tables([merged, part]))
+    merged = _sum_by_key(merged)
+    keep = pc.or_(pc.greater_equal(merged["count"], task["min_count"]), pc.greater(merged["listed"], 0))
+    return merged.filter(keep)
+
+
+def _sum_by_key(table: pa.Table) -> pa.Table:
+    summed = table.group_by("key").aggregate([("count", "sum"), ("listed", "sum")])
+    return pa.table({"key": summed["key"], "count": summed["count_sum"], "listed": summed["listed_sum"]})
+
+
+@functools.lru_cache(maxsize=1)  # one vocabulary per worker process
+def _vocab(uri: str) -> frozenset[str]:
+    with fsspec.open(uri, "rb") as f:
+        return frozenset(pq.read_table(f, columns=["key"])["key"].to_pylist())
+
+
+def _count(what: str, chunks: list[Chunk], work: str, min_count: int, cfg: dict,
+           executor) -> tuple[pa.Table, list[dict]]:
+    """Map over chunks, reduce over partitions: the keys of `what` with count >= min_count."""
+    mapped = executor.map(count_chunk, [{**cfg, "what": what, "chunk": c, "spill_uri": f"{work}/{what}-{i:05d}"}
+                                        for i, c in enumerate(chunks)])
+    spills = [uri for m in mapped for uri in m["spills"]]
+    parts = executor.map(reduce_partition, [{"spill_uris": spills, "partition": p, "min_count": min_count}
+                                            for p in range(cfg["partitions"])])
+    empty = pa.table({"key": pa.array([], pa.string()), "count": pa.array([], pa.int64()),
+                      "listed": pa.array([], pa.int64())})
+    table = pa.concat_tables(parts) if parts else empty
+    return table.sort_by([("count", "descending"), ("key", "ascending")]), mapped
+
+
+def _with_pmi(table: pa.Table, vocab: pa.Table, n_tokens: int) -> pa.Table:
+    """Add pmi = log2(c(a b) N / (c(a) c(b))) to a bigram count table."""
+    halves = pc.split_pattern(table["key"], " ", max_splits=1)
+    first, second = pc.list_element(halves, 0), pc.list_element(halves, 1)
+    count_of = vocab["count"].to_numpy().astype(np.float64)
+    c_a = count_of[pc.index_in(first, value_set=vocab["key"]).to_numpy(zero_copy_only=False)]
+    c_b = count_of[pc.index_in(second, value_set=vocab["key"]).to_numpy(zero_copy_only=False)]
+    pmi = np.log2(table["count"].to_numpy().astype(np.float64) * n_tokens / (c_a * c_b)) if len(table) else np.zeros(0)
+    return table.append_column("pmi", pa.array(pmi, pa.float64()))
+
+
+def build_queries(corpus_uris: str | list[str], out_uri: str, *, min_count: int = 100, min_pmi: float = 8.0,
+                  min_bigram_count: int | None = None, titles_uri: str | None = None, min_title_count: int = 70,
+                  wordnet_dir: str | None = None, wordnet_lemmas: str = "all", text_column: str = "text",
+                  partitions: int = 16, chunk_bytes: int = 64 << 20, max_keys: int = 1 << 20,
+                  executor=None) -> dict:
+    """Write the query list Parquet (query, kind, count) to out_uri; return its stats."""
+    corpus_uris = [corpus_uris] if isinstance(corpus_uris, str) else list(corpus_uris)
+    owned, executor = executor is None, executor or LocalExecutor()
+    work = f"{out_uri}.work-{uuid.uuid4().hex[:8]}"  # per run: workers cache the vocabulary by its URI
+    fs, work_path = fsspec.core.url_to_fs(work)
+    fs.makedirs(work_path, exist_ok=True)
+    cfg = {"text_column": text_column, "partitions": partitions, "max_keys": max_keys,
+           "vocab_uri": f"{work}/vocab.parquet"}
+    candidates, stats = {}, {"tokens": 0}
+    try:
+        chunks = plan_chunks(corpus_uris, chunk_bytes)
+        if chunks:
+            vocab, mapped = _count("unigram", chunks, work, min_count, cfg, executor)
+            stats["tokens"] = n_tokens = sum(m["tokens"] for m in mapped)
+            with fsspec.open(cfg["vocab_uri"], "wb") as f:
+                pq.write_table(vocab.select(["key", "count"]), f)
+            floor = min_count if min_bigram_count is None else min_bigram_count
+            pairs, _ = _count("bigram", chunks, work, floor, cfg, executor)
+            pairs = _with_pmi(pairs, vocab, n_tokens)
+            candidates["unigram"] = vocab
+            candidates["bigram"] = pairs.filter(pc.greater_equal(pairs["pmi"], min_pmi))
+        if titles_uri:
+            title_chunks = plan_chunks([titles_uri], chunk_bytes)
+            titles, mapped = _count("title", title_chunks, work, min_title_count, cfg, executor)
+            stats["title_bad_lines"] = sum(m["bad_lines"] for m in mapped)
+            candidates["title"] = titles.append_column("counted", pc.greater(titles["count"], 0))
+        if wordnet_dir:
+            candidates["synset"] = pa.table({"key": wordnet_queries(wordnet_dir, wordnet_lemmas)})
+        table, stats["kinds"] = _merge(candidates)
+    finally:
+        fs.rm(work_path, recursive=True)
+        if owned:
+            executor.close()
+    with atomic_parquet(out_uri, SCHEMA) as writer:
+        writer.write_table(table)
+    stats["n_queries"] = len(table)
+    return stats
+
+
+def _merge(candidates: dict[str, pa.Table]) -> tuple[pa.Table, dict]:
+    """Dedupe across kinds (first wins), drop unmatchable entries; the table and per-kind stats."""
+    seen, rows, stats = set(), {"query": [], "kind": [], "count": []}, {}
+    for kind in KINDS:
+        table = candidates.get(kind)
+        if table is None:
+            continue
+        counts = table["count"].to_pylist() if "count" in table.column_names else [None] * len(table)
+        if "counted" in table.column_names:  # titles listed without a count carry no count
+            counts = [c if k else None for c, k in zip(counts, table["counted"].to_pylist())]
+        s = stats[kind] = {"candidates": len(table), "added": 0, "duplicate": 0, "unmatchable": 0}
+        for query, count in zip(table["key"].to_pylist(), counts):
+            query = " ".join(query.split())
+            if not is_matchable(query):
+                s["unmatchable"] += 1
+            elif query in seen:
+                s["duplicate"] += 1
+            else:
+                seen.add(query)
+                s["added"] += 1
+                for column, value in zip(rows, (query, kind, count)):
+                    rows[column].append(value)
+    return pa.table(rows, schema=SCHEMA), stats
+
+
+def add_queries_arguments(parser: argparse.ArgumentParser) -> None:
+    """`clip-pipeline queries` options."""
+    parser.add_argument("corpus", nargs="*", metavar="CORPUS",
+                        help="text files or Parquet with a text column (URIs; files or folders)")
+    parser.add_argument("out", metavar="OUT", help="query list Parquet to write")
+    parser.add_argument("--min-count", type=int, default=100, help="unigrams occurring at least this often (WIT: 100)")
+    parser.add_argument("--min-pmi", type=float, default=8.0, help="bigrams with PMI (bits) at least this")
+    parser.add_argument("--min-bigram-count", type=int, help="bigram count floor (default: --min-count)")
+    parser.add_argument("--titles", help="titles file: one title a line, optional TAB count (e.g. page views)")
+    parser.add_argument("--min-title-count", type=int, default=70, help="title count floor (MetaCLIP: 70)")
+    parser.add_argument("--wordnet", metavar="DIR", help="WordNet 3.0 database folder (e.g. /usr/share/wordnet)")
+    parser.add_argument("--wordnet-lemmas", choices=("all", "head"), default="all",
+                        help="every lemma of a synset, or its first")
+    parser.add_argument("--text-column", default="text", help="text column of Parquet corpora")
+    parser.add_argument("--workers", type=int, help="local worker processes (default: all cores)")
+
+
+def run_queries_command(args: argparse.Namespace) -> int:
+    """Run `clip-pipeline queries` and print the per-kind stats."""
+    with LocalExecutor(args.workers) as executor:
+        stats = build_queries(args.corpus, args.out, min_count=args.min_count, min_pmi=args.min_pmi,
+                              min_bigram_count=args.min_bigram_count, titles_uri=args.titles,
+                              min_title_count=args.min_title_count, wordnet_dir=args.wordnet,
+                              wordnet_lemmas=args.wordnet_lemmas, text_column=args.text_column, executor=executor)
+    print(json.dumps(stats))
+    return 0

@@ -1,0 +1,64 @@
+"""Executors that run the library's per-shard maps on Ray (the one place curation talks to Ray).
+
+The library only asks for an object with `map(fn, items) -> list` (results in item order);
+`clip_core.curation.curate.LocalExecutor` is the process-pool one. Here the same top-level
+function becomes a Ray task per item, so a shard's work runs wherever the cluster has a CPU.
+Ray worker processes are reused across tasks, so the per-process matcher cache still pays
+its build once per worker.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import ray
+
+
+class RayExecutor:
+    """map(fn, items) as one Ray task per item on the cluster at `address` (or a local one)."""
+
+    def __init__(self, address: str | None = None, num_cpus: int | None = None, cpus_per_task: float = 1.0,
+                 max_in_flight: int | None = None, **init_kwargs):
+        self.address, self.num_cpus, self.cpus_per_task = address, num_cpus, cpus_per_task
+        self.max_in_flight, self.init_kwargs = max_in_flight, init_kwargs
+        self._started, self._temp_dir = False, None
+
+    def _connect(self) -> None:
+        if ray.is_initialized():
+            return
+        kwargs = {"include_dashboard": False, "log_to_driver": False, **self.init_kwargs}
+        if self.address:
+            ray.init(address=self.address, **kwargs)
+        else:  # a local cluster (ENVIRONMENT.md): no auth, a temp folder we own, >= 2 logical CPUs
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            if "_temp_dir" not in kwargs:
+                kwargs["_temp_dir"] = self._temp_dir = tempfile.mkdtemp(prefix="ray-curate-")
+            ray.init(num_cpus=max(self.num_cpus, 2) if self.num_cpus else None, **kwargs)  # 1 CPU times out
+        self._started = True
+
+    def map(self, fn, items) -> list:
+        """fn over items as Ray tasks; results in item order; at most max_in_flight pending."""
+        self._connect()
+        task = ray.remote(num_cpus=self.cpus_per_task)(fn)
+        refs, pending = [], []
+        for item in items:
+            if self.max_in_flight and len(pending) >= self.max_in_flight:
+                _, pending = ray.wait(pending, num_returns=1)  # bound the driver's queued work
+            refs.append(task.remote(item))
+            pending.append(refs[-1])
+        return ray.get(refs)
+
+    def shutdown(self) -> None:
+        """Stop the Ray runtime if this executor started it."""
+        if self._started and ray.is_initialized():
+            ray.shutdown()
+        if self._temp_dir:
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
+        self._started, self._temp_dir = False, None
+
+    def __enter__(self) -> "RayExecutor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

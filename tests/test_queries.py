@@ -1,0 +1,158 @@
+"""Query list: counts and PMI on a corpus counted by hand, bounded map-reduce invariance,
+titles, WordNet parsing, dedup across kinds."""
+import argparse
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clip_core.curation.curate import LocalExecutor
+from clip_core.curation.balance import hash_strings
+from clip_core.curation.queries import (
+    add_queries_arguments, bigrams, build_queries, count_chunk, is_matchable, iter_texts, plan_chunks,
+    reduce_partition, run_queries_command, words,
+)
+from clip_core.curation.wordnet import parse_data_line, read_synsets, wordnet_queries
+
+WORDNET = Path("/usr/share/wordnet")
+# By hand: N = 62 word tokens; dog 21, hot 11, the/ate/a 10; each bigram of line one 10, "dog hot" 1.
+CORPUS = "the dog ate a hot dog\n" * 10 + "dog hot\n"
+
+
+def _build(tmp_path, text, **kwargs):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text)
+    out = str(tmp_path / "queries.parquet")
+    stats = build_queries([str(corpus)], out, executor=LocalExecutor(1), **kwargs)
+    return pq.read_table(out).to_pylist(), stats
+
+
+@pytest.fixture(scope="module")
+def wordnet_dir():
+    if not (WORDNET / "data.noun").exists():
+        pytest.fail(f"WordNet 3.0 not found under {WORDNET}: apt-get install wordnet-base")
+    return str(WORDNET)
+
+
+def test_tokens_keep_case_and_break_at_punctuation():
+    assert words("New York's state-of-the-art U.S. dogs, (cats)") == ["New", "York's", "state-of-the-art", "U", "S", "dogs", "cats"]
+    vocab = {"New", "York", "is", "big", "a", "dog"}
+    assert bigrams("New York, New York is big - a dog", vocab) == ["New York", "New York", "York is", "is big", "a dog"]
+
+
+def test_counts_and_pmi_by_hand(tmp_path):
+    rows, stats = _build(tmp_path, CORPUS, min_count=10, min_bigram_count=10, min_pmi=-100)
+    assert stats["tokens"] == 62  # 6 * 10 + 2
+    by_query = {r["query"]: r for r in rows}
+    assert {q: r["count"] for q, r in by_query.items() if r["kind"] == "unigram"} == \
+        {"dog": 21, "hot": 11, "the": 10, "ate": 10, "a": 10}
+    bigram_counts = {q: r["count"] for q, r in by_query.items() if r["kind"] == "bigram"}
+    assert bigram_counts == {"hot dog": 10, "the dog": 10, "dog ate": 10, "ate a": 10, "a hot": 10}
+    pmi = {q: math.log2(10 * 62 / (by_query[q.split()[0]]["count"] * by_query[q.split()[1]]["count"])) for q in bigram_counts}
+    assert pmi["ate a"] == pytest.approx(math.log2(620 / 100)) and pmi["hot dog"] == pytest.approx(math.log2(620 / 231))
+    kept, _ = _build(tmp_path / "b", CORPUS, min_count=10, min_bigram_count=10, min_pmi=2.0)
+    assert {r["query"] for r in kept if r["kind"] == "bigram"} == {"ate a", "a hot"}  # 2.63 and 2.49 bits
+
+
+def test_map_reduce_is_invariant_to_chunks_and_partitions(tmp_path):
+    text = "".join(f"w{i % 17} w{(i * 7) % 5} tail{i % 3}. \u00e9t\u00e9 {i}\n" for i in range(400))
+    coarse, _ = _build(tmp_path / "a", text, min_count=20, min_pmi=-100, min_bigram_count=5)
+    fine, _ = _build(tmp_path / "b", text, min_count=20, min_pmi=-100, min_bigram_count=5, partitions=7,
+                     chunk_bytes=997, max_keys=5)
+    assert coarse == fine and len(coarse) > 20
+
+
+def test_spills_partition_by_hash_and_reduce_sums(tmp_path):
+    text = "".join(f"alpha beta w{i % 23} w{i % 7}\n" for i in range(500))
+    (tmp_path / "c.txt").write_text(text)
+    chunks = plan_chunks([str(tmp_path / "c.txt")], 700)
+    spills = []
+    for i, chunk in enumerate(chunks):  # max_keys=10: several spills per chunk
+        spills += count_chunk({"what": "unigram", "chunk": chunk, "spill_uri": str(tmp_path / f"s{i}"),
+                               "text_column": "text", "partitions": 5, "max_keys": 10})["spills"]
+    merged = {}
+    for p in range(5):
+        for spill in spills:  # row group p of every spill holds only keys hashed to partition p
+            keys = pq.ParquetFile(spill).read_row_group(p)["key"]
+            assert (hash_strings(keys) % np.uint64(5) == p).all()
+        part = reduce_partition({"spill_uris": spills, "partition": p, "min_count": 1})
+        merged |= dict(zip(part["key"].to_pylist(), part["count"].to_pylist()))
+    assert len(spills) > 2 * len(chunks) > 10 and merged == dict(Counter(words(text)))
+
+
+def test_byte_range_chunks_read_every_line_once(tmp_path):
+    path = tmp_path / "t.txt"
+    text = "".join(f"line {i} caf\u00e9 \u732b\n" for i in range(300)) + "last line without newline"
+    path.write_text(text)
+    for size in (1, 13, 64, 10_000):
+        assert "".join(line for c in plan_chunks([str(path)], size) for line in iter_texts(c)) == text
+
+
+def test_parquet_corpus_and_missing_column(tmp_path):
+    pq.write_table(pa.table({"text": ["hot dog stand"] * 30 + [None]}), tmp_path / "c.parquet", row_group_size=7)
+    out = str(tmp_path / "q.parquet")
+    build_queries([str(tmp_path)], out, min_count=30, min_pmi=-100, executor=LocalExecutor(1))
+    assert [r["query"] for r in pq.read_table(out).to_pylist()] == ["dog", "hot", "stand", "dog stand", "hot dog"]
+    with pytest.raises(ValueError, match="text"):
+        build_queries([str(tmp_path / "c.parquet")], out, text_column="body", executor=LocalExecutor(1))
+
+
+def test_titles_counts_listing_and_unmatchable(tmp_path):
+    titles = tmp_path / "titles.txt"
+    titles.write_text("New_York\t50\nNew York\t30\nStar Wars: A New Hope\t500\nBanana\nRare_page\t3\nbad\tcount\n")
+    out = str(tmp_path / "q.parquet")
+    stats = build_queries([], out, titles_uri=str(titles), min_title_count=70, executor=LocalExecutor(1))
+    assert pq.read_table(out).to_pylist() == [{"query": "New York", "kind": "title", "count": 80},
+                                              {"query": "Banana", "kind": "title", "count": None}]
+    assert stats["kinds"]["title"]["unmatchable"] == 1 and stats["title_bad_lines"] == 1
+
+
+def test_matchable_under_metaclip_spacing():
+    assert is_matchable("hot dog") and is_matchable("a . b") and is_matchable("rock 'n' roll")
+    assert not any(map(is_matchable, ["U.S.", "Mr. Bean", "St. Louis", "x,y", "", "  ", "a\tb"]))
+
+
+def test_wordnet_synsets_and_lemmas(wordnet_dir):
+    synsets = list(read_synsets(wordnet_dir))
+    assert len(synsets) == 117_659  # WordNet 3.0: 82,115 n + 13,767 v + 18,156 a/s + 3,621 r
+    assert sum(s.pos == "n" for s in synsets) == 82_115
+    lemmas = wordnet_queries(wordnet_dir)
+    assert {"dog", "hot dog", "galore", "Paris", "entity"} <= set(lemmas)
+    assert "galore(ip)" not in lemmas and "hot_dog" not in lemmas
+    heads = wordnet_queries(wordnet_dir, lemmas="head")
+    assert heads[0] == "entity" and len(heads) < len(lemmas)
+    line = "07697537 13 n 03 hotdog 2 hot_dog 2 red_hot 0 004 @ 07695965 n 0000 | a frankfurter served hot on a bun  \n"
+    assert parse_data_line(line).lemmas == ("hotdog", "hot dog", "red hot")
+    assert parse_data_line("  1 This software and database is being provided\n") is None
+
+
+def test_missing_wordnet_says_how_to_install(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install wordnet-base"):
+        wordnet_queries(str(tmp_path))
+
+
+def test_dedup_across_kinds_first_kind_wins(tmp_path, wordnet_dir):
+    (tmp_path / "titles.txt").write_text("dog\t100\nhot dog\t100\nZebra crossing\t100\n")
+    rows, stats = _build(tmp_path, CORPUS, min_count=10, min_bigram_count=10, min_pmi=-100,
+                         titles_uri=str(tmp_path / "titles.txt"), wordnet_dir=wordnet_dir)
+    kind = {r["query"]: r["kind"] for r in rows}
+    assert kind["dog"] == "unigram" and kind["hot dog"] == "bigram" and kind["Zebra crossing"] == "title"
+    assert kind["entity"] == "synset" and sum(r["query"] == "dog" for r in rows) == 1
+    assert stats["kinds"]["title"]["duplicate"] == 2 and stats["kinds"]["synset"]["duplicate"] >= 2
+    assert all(r["count"] is None for r in rows if r["kind"] == "synset")
+    assert len(rows) == len({r["query"] for r in rows}) == stats["n_queries"]
+
+
+def test_cli_runs_build_queries(tmp_path, capsys):
+    (tmp_path / "c.txt").write_text(CORPUS)
+    parser = argparse.ArgumentParser()
+    add_queries_arguments(parser)
+    args = parser.parse_args([str(tmp_path / "c.txt"), str(tmp_path / "q.parquet"), "--min-count", "10", "--workers", "1"])
+    assert run_queries_command(args) == 0
+    assert '"n_queries": 5' in capsys.readouterr().out
