@@ -119,6 +119,15 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_extract_command)
 
 
+def _add_dedup(sub: argparse._SubParsersAction) -> None:
+    from dedup.cli import add_dedup_arguments, run_dedup_command
+
+    p = sub.add_parser("dedup", help="remove corpus images that near-duplicate eval images "
+                                     "(`dedup train-detector OUT` trains the copy detector)")
+    add_dedup_arguments(p)
+    p.set_defaults(handler=run_dedup_command)
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from clip_core.train.config import add_train_arguments, run_train_command
 
@@ -176,7 +185,7 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_tokenize)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_web, _add_extract, _add_queries, _add_curate, _add_crawl, _add_train, _add_evaluate, _add_overlap, _add_demo, _add_models, _add_tokenize]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_web, _add_extract, _add_queries, _add_curate, _add_crawl, _add_dedup, _add_train, _add_evaluate, _add_overlap, _add_demo, _add_models, _add_tokenize]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,140 @@
+"""Command-line wiring for `clip-pipeline dedup` and `clip-pipeline dedup train-detector`.
+
+Thin over the library (DESIGN.md, "Three ways in"): `near_dup.dedup` and
+`copy_detector.train_copy_detector` do the work. CLIP (Radford et al. 2021), Section 5 and
+Appendix C. `dedup` takes CORPUS OUT; when CORPUS is the word `train-detector` the same
+parser trains a copy detector into OUT instead, so one subcommand serves both forms:
+
+    clip-pipeline dedup CORPUS OUT --eval EVALDIR [EVALDIR ...]
+    clip-pipeline dedup train-detector OUT [--steps N] [--images URI]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+TRAIN_WORD = "train-detector"
+
+
+def _train_options(parser) -> None:
+    """Options of train-detector that `dedup` does not have."""
+    parser.add_argument("--steps", type=int, default=500, help="training steps (default 500)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle)")
+    parser.add_argument("--image-size", type=int, default=64, help="detector input side in pixels")
+    parser.add_argument("--images", default=None, help="folder of images or WebDataset shards to train on "
+                        "(default: procedural images + scikit-image's sample photos)")
+    parser.add_argument("--max-images", type=int, default=20000, help="at most this many --images")
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers drawing augmentations")
+    parser.add_argument("--init", default=None, help="start from this detector folder")
+
+
+def _shared_options(parser, batch_size: int | None) -> None:
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="images per batch")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def add_train_detector_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `train-detector OUT` (for registering it as its own subcommand)."""
+    parser.add_argument("out", metavar="OUT", help="folder to write model.safetensors and config.json")
+    _train_options(parser)
+    _shared_options(parser, 96)
+
+
+def add_dedup_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `dedup CORPUS OUT --eval DIR...` (CORPUS may be the word train-detector)."""
+    parser.add_argument("corpus", metavar="CORPUS", help=f"WebDataset shard folder, or the word {TRAIN_WORD}")
+    parser.add_argument("out", metavar="OUT", help="output folder (or detector folder for train-detector)")
+    parser.add_argument("--eval", dest="eval_dirs", nargs="+", action="extend", default=[], metavar="EVALDIR",
+                        help="eval set folders (classnames.txt, templates.txt, test/ shards)")
+    parser.add_argument("--descriptor", default="default",
+                        help="default | phash | detector | combined | clip:CHECKPOINT | a '+' join")
+    parser.add_argument("--precision", type=float, default=0.99, help="precision target of the calibration")
+    parser.add_argument("--detector", default=None, help="copy detector folder (default: the shipped one)")
+    parser.add_argument("--split", dest="splits", action="append", default=None,
+                        help="eval split to dedup against (repeatable; default test)")
+    parser.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
+                        help="fix a descriptor's threshold instead of calibrating (repeat per descriptor)")
+    parser.add_argument("--calibration-samples", type=int, default=500, help="eval images copied per set")
+    parser.add_argument("-k", type=int, default=1, help="neighbours checked per corpus image and eval set")
+    parser.add_argument("--sheet-size", type=int, default=12, help="pairs on each contact sheet (0: none)")
+    _shared_options(parser, None)
+    _train_options(parser.add_argument_group(f"{TRAIN_WORD} (when CORPUS is {TRAIN_WORD})"))
+
+
+def _set_threads(n: int | None) -> None:
+    if n:
+        import torch
+        torch.set_num_threads(n)
+
+
+def _thresholds(items: list[str]) -> dict | None:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--threshold expects NAME=VALUE, got {item!r}")
+        out[name] = float(value)
+    return out or None
+
+
+def run_dedup_command(args: argparse.Namespace) -> int:
+    """Run `dedup` (or `dedup train-detector`) from parsed arguments."""
+    _set_threads(args.threads)
+    if args.corpus == TRAIN_WORD:
+        if args.eval_dirs:
+            raise SystemExit(f"{TRAIN_WORD} takes no --eval")
+        return run_train_detector_command(args)
+    if not args.eval_dirs:
+        raise SystemExit("dedup needs at least one --eval EVALDIR")
+    from dedup.near_dup import dedup
+    stats = dedup(args.corpus, args.out, args.eval_dirs, descriptor=args.descriptor, precision=args.precision,
+                  detector_path=args.detector, splits=tuple(args.splits or ("test",)),
+                  thresholds=_thresholds(args.threshold), calibration_samples=args.calibration_samples,
+                  batch_size=args.batch_size or 128, k=args.k, device=args.device, seed=args.seed,
+                  sheet_size=args.sheet_size)
+    summary = {"corpus_images": stats["corpus_images"], "unreadable": stats["unreadable"],
+               "removed": stats["removed"], "kept": stats["kept"],
+               "eval_sets": {name: {k: s[k] for k in ("matches", "overlap", "thresholds")}
+                             for name, s in stats["eval_sets"].items()}}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _training_images(uri: str, limit: int) -> list[bytes]:
+    """Image bytes from a folder of WebDataset shards or of image files."""
+    import fsspec
+    from dedup.near_dup import IMAGE_EXTS, iter_shard_images
+    fs, root = fsspec.core.url_to_fs(uri)
+    paths = sorted(fs.find(root))
+    out = []
+    for path in paths:
+        if path.endswith(".tar"):
+            out += [blob for _, blob in iter_shard_images(fs, path) if blob is not None]
+        elif path.rsplit(".", 1)[-1].lower() in IMAGE_EXTS:
+            out.append(fs.cat_file(path))
+        if len(out) >= limit:
+            break
+    if len(out) < 2:
+        raise SystemExit(f"--images {uri}: found {len(out)} images; need at least 2")
+    return out[:limit]
+
+
+def run_train_detector_command(args: argparse.Namespace) -> int:
+    """Train a copy detector from parsed arguments and write it to OUT."""
+    from dedup.augment import image_source, sample_photos
+    from dedup.copy_detector import DetectorConfig, train_copy_detector
+    _set_threads(args.threads)
+    source = _training_images(args.images, args.max_images) if args.images else image_source(sample_photos())
+    every = max(1, args.steps // 20)
+
+    def log(step: int, loss: float) -> None:
+        if step % every == 0 or step == args.steps - 1:
+            print(f"step {step:5d}  loss {loss:.4f}", flush=True)
+
+    train_copy_detector(source, args.out, args.steps, batch_size=args.batch_size or 96, lr=args.lr,
+                        config=DetectorConfig(image_size=args.image_size), device=args.device, seed=args.seed,
+                        init=args.init, num_workers=args.workers, log=log)
+    print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,293 @@
+"""The dedup stage: drop corpus pairs whose image near-duplicates an evaluation image.
+
+CLIP (Radford et al. 2021), Section 5 and Appendix C: a duplicate detector runs over every
+eval set, and matches feed both the removal of training pairs and the overlap analysis.
+The stage is a global reduce plus a per-shard map (DESIGN.md, Scale):
+`build_references` encodes each eval split once and calibrates its thresholds (highest
+recall at the precision target, `calibrate.py`); `dedup_shard` streams one corpus shard
+against those references; `dedup` runs both and writes `matches.parquet`,
+`kept_keys.parquet`, `dedup_stats.json` and `contact_sheet.png`.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import posixpath
+import tarfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dedup.calibrate import calibrate_reference
+from dedup.descriptors import decode_all, encode, make_descriptors
+from dedup.index import build_index
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_LISTED = 1000  # unreadable samples listed in dedup_stats.json; unreadable.txt has them all
+MATCH_SCHEMA = pa.schema([("key", pa.string()), ("eval_set", pa.string()), ("eval_index", pa.int64()),
+                          ("similarity", pa.float32()), ("descriptor", pa.string())])
+
+
+@dataclass
+class EvalReference:
+    """One eval split: descriptors of its images, calibrated thresholds, lazily built indexes."""
+
+    name: str
+    root: str
+    split: str
+    eval_index: np.ndarray  # (n,) the sample index in the split of each descriptor row
+    codes: dict  # descriptor name -> (n, dim) codes
+    thresholds: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    unreadable: list = field(default_factory=list)
+    _search: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def n(self) -> int:
+        return len(self.eval_index)
+
+    def index(self, descriptor, device: str = "cpu"):
+        """The search index of one descriptor, built on first use."""
+        if descriptor.name not in self._search:
+            self._search[descriptor.name] = build_index(self.codes[descriptor.name], descriptor.binary, device)
+        return self._search[descriptor.name]
+
+    def __getstate__(self):  # FAISS indexes do not pickle; a worker rebuilds them
+        return {**self.__dict__, "_search": {}}
+
+
+def _batches(items, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def encode_split(descriptors, root: str, split: str, batch_size: int = 128, keep: int = 0, rng=None):
+    """(codes, eval_index, unreadable, reservoir) of a split; the reservoir holds `keep` (row, image)."""
+    from clip_core.eval.datasets import iter_samples
+    parts, eval_index, unreadable, reservoir = [], [], [], []
+    for batch in _batches(iter_samples(root, split), batch_size):
+        images, ok, errors = decode_all([s.image_bytes for s in batch], [f"{s.key}.{s.ext}" for s in batch])
+        unreadable += errors
+        parts.append(encode(descriptors, images))
+        for i, img in zip(ok, images):
+            row = len(eval_index)
+            eval_index.append(batch[i].index)
+            j = row if row < keep else int(rng.integers(row + 1))  # reservoir sampling (algorithm R)
+            if j < keep:
+                reservoir[j:j + 1] = [(row, img)]
+    codes = {d.name: np.concatenate([p[d.name] for p in parts]) for d in descriptors} if parts else {}
+    return codes, np.asarray(eval_index, np.int64), unreadable, reservoir
+
+
+def held_out_images(root: str, split: str, n: int) -> list:
+    """Up to `n` images of the train split when deduping the test split: distinct non-copies."""
+    from clip_core.eval.datasets import iter_samples, list_splits
+    if split != "test" or n <= 0 or "train" not in list_splits(root):
+        return []
+    samples = [s for _, s in zip(range(n), iter_samples(root, "train"))]
+    return decode_all([s.image_bytes for s in samples], [s.key for s in samples])[0]
+
+
+def build_references(eval_dirs: Sequence[str], descriptors, *, splits: Sequence[str] = ("test",),
+                     precision: float = 0.99, calibration_samples: int = 500, thresholds: dict | None = None,
+                     batch_size: int = 128, device: str = "cpu", seed: int = 0) -> list[EvalReference]:
+    """Encode and calibrate every (eval set, split); a non-test split is named `name/split`."""
+    from clip_core.eval.datasets import load_eval_set
+    rng, refs = np.random.default_rng(seed), []
+    for root in eval_dirs:
+        for split in splits:
+            eval_set = load_eval_set(str(root), split)  # a clear error without classnames.txt etc.
+            name = eval_set.name if split == "test" else f"{eval_set.name}/{split}"
+            if any(r.name == name for r in refs):
+                raise ValueError(f"two eval folders are both named {name!r}; rename one")
+            codes, eval_index, unreadable, reservoir = encode_split(descriptors, eval_set.root, split, batch_size,
+                                                                    calibration_samples, rng)
+            if not len(eval_index):
+                raise ValueError(f"eval set {root} split {split!r}: no readable images")
+            ref = EvalReference(name, eval_set.root, split, eval_index, codes, unreadable=unreadable)
+            if thresholds:
+                ref.thresholds, ref.calibration = _manual(descriptors, thresholds), {"manual": True}
+            else:
+                negatives = held_out_images(eval_set.root, split, calibration_samples)
+                calibrate_reference(descriptors, ref, reservoir, precision, rng, negatives, device)
+            refs.append(ref)
+    return refs
+
+
+def _manual(descriptors, thresholds: dict) -> dict:
+    missing = [d.name for d in descriptors if d.name not in thresholds]
+    if missing:
+        raise ValueError(f"manual thresholds lack descriptors {missing}; given {sorted(thresholds)}")
+    return {d.name: float(thresholds[d.name]) for d in descriptors}
+
+
+def iter_shard_images(fs, path: str) -> Iterator[tuple[str, bytes | None]]:
+    """(key, image bytes or None when the sample has no image) of one WebDataset shard."""
+    key, image = None, None
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            stem, _, ext = posixpath.basename(member.name).partition(".")
+            stem = posixpath.join(posixpath.dirname(member.name), stem)
+            if stem != key:
+                if key is not None:
+                    yield key, image
+                key, image = stem, None
+            if ext.lower() in IMAGE_EXTS:
+                image = tar.extractfile(member).read()
+    if key is not None:
+        yield key, image
+
+
+@dataclass
+class ShardResult:
+    """What one shard contributes: match rows, kept keys, unreadable samples, sheet candidates."""
+
+    shard: str
+    matches: list = field(default_factory=list)  # dicts with MATCH_SCHEMA's columns
+    kept: list = field(default_factory=list)
+    n_images: int = 0
+    unreadable: list = field(default_factory=list)  # (key, error)
+    closest: list = field(default_factory=list)  # heaps of (margin, key, (set, index, sim, descriptor), bytes)
+    near_misses: list = field(default_factory=list)
+
+
+def _offer(heap: list, items, size: int) -> None:
+    """Keep the `size` items with the largest (margin, key)."""
+    for item in items:
+        (heapq.heappush if len(heap) < size else heapq.heappushpop)(heap, item)
+
+
+def _sheet_candidates(result, keys, blobs, sims, rows, threshold, size) -> None:
+    """Offer the batch's best matches and best near misses (top-1 only) to the contact sheets."""
+    margin = sims - threshold
+    for heap, mask in ((result.closest, margin >= 0), (result.near_misses, margin < 0)):
+        idx = np.flatnonzero(mask)
+        idx = idx[np.argsort(-margin[idx], kind="stable")[:size]]
+        _offer(heap, [(float(margin[i]), keys[i], rows[i], blobs[i]) for i in idx], size)
+
+
+def _match_batch(result: ShardResult, keys, blobs, codes, refs, descriptors, k, device, sheet_size) -> set:
+    """Append this batch's match rows; returns the matched keys."""
+    matched = set()
+    for ref in refs:
+        for d in descriptors:
+            sims, ids = ref.index(d, device).search(codes[d.name], k=k)  # (B, k), best first
+            eval_index, t = ref.eval_index[ids], ref.thresholds[d.name]
+            for i, j in zip(*np.nonzero(sims >= t)):
+                result.matches.append({"key": keys[i], "eval_set": ref.name, "eval_index": int(eval_index[i, j]),
+                                       "similarity": float(sims[i, j]), "descriptor": d.name})
+                matched.add(keys[i])
+            if sheet_size:  # rows as tuples (eval set, eval index, similarity, descriptor): heap-comparable
+                rows = [(ref.name, int(eval_index[i, 0]), float(sims[i, 0]), d.name) for i in range(len(keys))]
+                _sheet_candidates(result, keys, blobs, sims[:, 0], rows, t, sheet_size)
+    return matched
+
+
+def dedup_shard(shard_uri: str, refs: Sequence[EvalReference], descriptors, *, batch_size: int = 128, k: int = 1,
+                device: str = "cpu", sheet_size: int = 12, storage_options: dict | None = None) -> ShardResult:
+    """Match every image of one corpus shard against the eval references (the per-shard map)."""
+    fs, path = fsspec.core.url_to_fs(shard_uri, **(storage_options or {}))
+    result = ShardResult(shard_uri)
+    try:
+        for batch in _batches(iter_shard_images(fs, path), batch_size):
+            result.n_images += len(batch)
+            result.unreadable += [(key, "sample has no image") for key, blob in batch if blob is None]
+            readable = [(key, blob) for key, blob in batch if blob is not None]
+            images, ok, errors = decode_all([b for _, b in readable], [key for key, _ in readable])
+            bad = sorted(set(range(len(readable))) - set(ok))
+            result.unreadable += [(readable[i][0], e) for i, e in zip(bad, errors)]
+            keys, blobs = [readable[i][0] for i in ok], [readable[i][1] for i in ok]
+            matched = _match_batch(result, keys, blobs, encode(descriptors, images), refs, descriptors, k,
+                                   device, sheet_size) if keys else set()
+            result.kept += [key for key in keys if key not in matched]
+    except (tarfile.TarError, EOFError, OSError) as e:  # a truncated shard: keep what was read
+        result.unreadable.append((shard_uri, f"shard unreadable after {result.n_images} samples: {e}"))
+    return result
+
+
+def list_corpus_shards(corpus_uri: str, storage_options: dict | None = None) -> list[str]:
+    """The corpus's `*.tar` shards, sorted; a clear error when there are none."""
+    fs, root = fsspec.core.url_to_fs(corpus_uri, **(storage_options or {}))
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"corpus {corpus_uri}: no such folder")
+    shards = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".tar"))
+    if not shards:
+        raise ValueError(f"corpus {corpus_uri}: no .tar shards (empty corpus, or not a WebDataset folder?)")
+    return [fs.unstrip_protocol(p) for p in shards]
+
+
+def dedup(corpus_uri: str, out_uri: str, eval_dirs: Sequence[str], *, descriptor: str = "default",
+          precision: float = 0.99, detector_path: str | None = None, splits: Sequence[str] = ("test",),
+          thresholds: dict | None = None, calibration_samples: int = 500, batch_size: int = 128, k: int = 1,
+          device: str = "cpu", seed: int = 0, sheet_size: int = 12, storage_options: dict | None = None) -> dict:
+    """Find corpus images that duplicate eval images; write matches, kept keys, stats and a contact sheet."""
+    t0 = time.time()
+    if not eval_dirs:
+        raise ValueError("dedup needs at least one eval set folder (--eval DIR)")
+    shards = list_corpus_shards(corpus_uri, storage_options)
+    descriptors = make_descriptors(descriptor, detector_path, device)
+    refs = build_references(eval_dirs, descriptors, splits=splits, precision=precision, thresholds=thresholds,
+                            calibration_samples=calibration_samples, batch_size=batch_size, device=device, seed=seed)
+    results = [dedup_shard(s, refs, descriptors, batch_size=batch_size, k=k, device=device, sheet_size=sheet_size,
+                           storage_options=storage_options) for s in shards]
+    config = {"corpus": corpus_uri, "descriptor": descriptor, "descriptors": [d.name for d in descriptors],
+              "precision_target": precision, "splits": list(splits), "k": k, "seed": seed}
+    stats = write_outputs(out_uri, results, refs, config, sheet_size, storage_options)
+    stats["seconds"] = round(time.time() - t0, 2)
+    with fsspec.open(posixpath.join(out_uri, "dedup_stats.json"), "w", **(storage_options or {})) as f:
+        json.dump(stats, f, indent=2)
+    return stats
+
+
+def _write_parquet(table: pa.Table, uri: str, storage_options: dict | None) -> None:
+    with fsspec.open(uri, "wb", **(storage_options or {})) as f:
+        pq.write_table(table, f)
+
+
+def _per_set(refs, matches: list[dict]) -> dict:
+    out = {}
+    for ref in refs:
+        rows = [m for m in matches if m["eval_set"] == ref.name]
+        overlap = {m["eval_index"] for m in rows}
+        out[ref.name] = {"root": ref.root, "split": ref.split, "n": ref.n, "eval_unreadable": ref.unreadable,
+                         "matches": len(rows), "matched_corpus_images": len({m["key"] for m in rows}),
+                         "overlap": len(overlap), "overlap_pct": 100.0 * len(overlap) / ref.n,
+                         "thresholds": ref.thresholds, "calibration": ref.calibration}
+    return out
+
+
+def write_outputs(out_uri: str, results: Sequence[ShardResult], refs, config: dict, sheet_size: int = 12,
+                  storage_options: dict | None = None) -> dict:
+    """The reduce: matches.parquet, kept_keys.parquet, contact sheets; returns the stats dict."""
+    fs, root = fsspec.core.url_to_fs(out_uri, **(storage_options or {}))
+    fs.makedirs(root, exist_ok=True)
+    matches = sorted((m for r in results for m in r.matches), key=lambda m: (m["key"], m["eval_set"], m["descriptor"]))
+    _write_parquet(pa.Table.from_pylist(matches, schema=MATCH_SCHEMA), posixpath.join(out_uri, "matches.parquet"),
+                   storage_options)
+    kept = pa.table({"key": [k for r in results for k in r.kept],
+                     "shard": [posixpath.basename(r.shard) for r in results for _ in r.kept]})
+    _write_parquet(kept, posixpath.join(out_uri, "kept_keys.parquet"), storage_options)
+    unreadable = [{"key": key, "error": err} for r in results for key, err in r.unreadable]
+    with fsspec.open(posixpath.join(out_uri, "unreadable.txt"), "w", **(storage_options or {})) as f:
+        f.writelines(f"{u['key']}\t{u['error']}\n" for u in unreadable)
+    n_images = sum(r.n_images for r in results)
+    if sheet_size:
+        from dedup.report import write_contact_sheets
+        write_contact_sheets(out_uri, results, refs, sheet_size, storage_options)
+    return {**config, "corpus_shards": len(results), "corpus_images": n_images, "unreadable": len(unreadable),
+            "unreadable_samples": unreadable[:MAX_LISTED], "removed": len({m["key"] for m in matches}),
+            "kept": kept.num_rows,
+            "eval_sets": _per_set(refs, matches)}
