@@ -19,7 +19,8 @@ def train_model(corpus: str, output: str, preset: str = "tiny", steps: int = 300
                 gpus_per_worker: float = 0.0,
                 data_workers: int = 1, precision: str = "bf16",
                 exclude: str | None = None, eval_dirs: list[str] | None = None, mlflow_uri: str | None = None,
-                checkpoint_every: int = 100, seed: int = 0, mlflow_parent_run_id: str | None = None,
+                checkpoint_every: int = 50, max_failures: int = 2, seed: int = 0,
+                mlflow_parent_run_id: str | None = None,
                 experiment: str = "clip") -> dict:
     """Ray Train contrastive training of `preset` on the corpus shards; returns the summary."""
     from clip_core.train.config import TrainConfig
@@ -29,7 +30,8 @@ def train_model(corpus: str, output: str, preset: str = "tiny", steps: int = 300
                       warmup=warmup, workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                       data_workers=data_workers,
                       precision=precision, eval=eval_dirs or [],
-                      mlflow_uri=mlflow_uri, checkpoint_every=checkpoint_every, seed=seed, experiment=experiment,
+                      mlflow_uri=mlflow_uri, checkpoint_every=checkpoint_every, max_failures=max_failures,
+                      seed=seed, experiment=experiment,
                       mlflow_parent_run_id=mlflow_parent_run_id,
                       exclude=exclude if exclude and exists(exclude) else None)
     return train(cfg)

@@ -278,7 +278,10 @@ class ShardLoader:
         local = max(self.cfg.num_workers, 1)
         tokenize([""])  # load the BPE once here; forked workers inherit it
         dataset = _StreamDataset(self.cfg, self.urls, dict(self.states), self.batches % local)
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory)
+        # spawn, not fork: a Ray worker is multi-threaded (gRPC, gloo), and forking it is unsafe
+        context = "spawn" if self.cfg.num_workers > 0 else None
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory,
+                            multiprocessing_context=context)
         for images, tokens, keys, state in loader:
             self.states[state["stream"]] = state
             self.batches += 1
