@@ -55,13 +55,12 @@ import pyarrow.parquet as pq
 from warcio.archiveiterator import ArchiveIterator
 from warcio.exceptions import ArchiveLoadFailed
 from warcio.statusandheaders import StatusAndHeadersParserException
-from warcio.warcwriter import WARCWriter
 
+from clip_core.wat_writer import IMG_PATH, _get, wat_envelope, write_wat_file, write_wat_record, write_warcinfo  # noqa: F401
 from clip_core.extract_filters import (
     DROP_REASONS, BaseUrl, PairFilter, normalize_caption, page_base, parse_extensions,
     resolve_image_url, split_base)
 
-IMG_PATH = "IMG@/src"
 ERROR_KINDS = ("bad_json", "bad_record", "truncated_record", "truncated_stream", "read")
 SCHEMA = pa.schema([("url", pa.string()), ("caption", pa.string()),
                     ("uid", pa.string()), ("page_url", pa.string())])
@@ -138,13 +137,6 @@ class _WatIterator(ArchiveIterator):
             decomp = self.reader.decompressor
             self.clean_end = decomp is None or (decomp.eof and not decomp.unused_data)
         super().close()
-
-
-def _get(obj: object, *keys: str) -> object:
-    """obj[k1][k2]... through dicts only; None when any step is missing."""
-    for key in keys:
-        obj = obj.get(key) if isinstance(obj, dict) else None
-    return obj
 
 
 def _parse_payload(record, payload: bytes, stats: FileStats) -> dict | None:
@@ -434,88 +426,6 @@ def _finish(fs, root: str, files: list[FileStats], shards: list[str], seconds: f
     text = json.dumps(result.to_dict(), indent=2).encode()
     _write_atomic(fs, f"{root.rstrip('/')}/{STATS_NAME}", lambda f: f.write(text))
     return result
-
-
-_WAT_DATE = "2024-01-01T00:00:00Z"
-
-
-def _record_id(*parts: str) -> str:
-    """A deterministic WARC-Record-ID, so identical input gives identical files."""
-    return f"<urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, chr(0).join(parts))}>"
-
-
-def wat_envelope(page_url: str, links: Iterable[tuple[str, str | None]],
-                 base: str | None = None, title: str | None = None) -> dict:
-    """The JSON Common Crawl writes for an HTML response whose `<img>` tags are `links`."""
-    head: dict = {"Title": title or page_url}
-    if base is not None:
-        head["Base"] = base
-    link_list = [{"path": IMG_PATH, "url": src, **({"alt": alt} if alt is not None else {})}
-                 for src, alt in links]
-    http = {"Response-Message": {"Version": "HTTP/1.1", "Status": "200", "Reason": "OK"},
-            "Headers": {"Content-Type": "text/html; charset=UTF-8"},
-            "HTML-Metadata": {"Head": head, "Links": link_list}}
-    warc = {"WARC-Type": "response", "WARC-Target-URI": page_url, "WARC-Date": _WAT_DATE,
-            "WARC-Record-ID": _record_id("response", page_url),
-            "Content-Type": "application/http; msgtype=response"}
-    return {"Container": {"Filename": "synthetic.warc.gz", "Compressed": True},
-            "Envelope": {"Format": "WARC", "WARC-Header-Metadata": warc,
-                         "Payload-Metadata": {
-                             "Actual-Content-Type": "application/http; msgtype=response",
-                             "HTTP-Response-Metadata": http}}}
-
-
-def _request_envelope(page_url: str) -> dict:
-    """The JSON Common Crawl writes for the HTTP request of a page (no links)."""
-    warc = {"WARC-Type": "request", "WARC-Target-URI": page_url, "WARC-Date": _WAT_DATE,
-            "WARC-Record-ID": _record_id("request", page_url),
-            "Content-Type": "application/http; msgtype=request"}
-    http = {"Request-Message": {"Method": "GET", "Path": "/", "Version": "HTTP/1.1"},
-            "Headers": {"User-Agent": "clip-pipeline-synthetic"}}
-    return {"Container": {"Filename": "synthetic.warc.gz", "Compressed": True},
-            "Envelope": {"Format": "WARC", "WARC-Header-Metadata": warc,
-                         "Payload-Metadata": {
-                             "Actual-Content-Type": "application/http; msgtype=request",
-                             "HTTP-Request-Metadata": http}}}
-
-
-def write_wat_record(writer: WARCWriter, target_uri: str, envelope: dict) -> None:
-    """Append one WAT `metadata` record (Content-Type application/json) to `writer`."""
-    data = json.dumps(envelope, separators=(",", ":")).encode()
-    refers_to = _get(envelope, "Envelope", "WARC-Header-Metadata", "WARC-Record-ID") or ""
-    headers = {"WARC-Date": _WAT_DATE, "Content-Type": "application/json",
-               "WARC-Record-ID": _record_id("wat", target_uri, refers_to),
-               "WARC-Refers-To": refers_to}
-    writer.write_record(writer.create_warc_record(
-        target_uri, "metadata", payload=io.BytesIO(data), length=len(data),
-        warc_headers_dict=headers))
-
-
-def write_warcinfo(writer: WARCWriter, filename: str) -> None:
-    """Append the `warcinfo` record that opens every Common Crawl WAT file."""
-    data = b"software: clip-pipeline\r\nformat: WARC File Format 1.0\r\n"
-    writer.write_record(writer.create_warc_record(
-        "", "warcinfo", payload=io.BytesIO(data), length=len(data),
-        warc_headers_dict={"WARC-Date": _WAT_DATE, "WARC-Filename": filename,
-                           "WARC-Record-ID": _record_id("warcinfo", filename),
-                           "Content-Type": "application/warc-fields"}))
-
-
-def write_wat_file(path: str, pages: Iterable[Sequence], *,
-                   storage_options: dict | None = None) -> str:
-    """Write a gzipped WAT file of pages `(page_url, [(src, alt), ...], base=None)`.
-
-    Each page gets a request and a response `metadata` record, as in Common Crawl; an alt
-    of None leaves the attribute out. Returns `path`.
-    """
-    with fsspec.open(path, "wb", **(storage_options or {})) as f:
-        writer = WARCWriter(f, gzip=True)
-        write_warcinfo(writer, path.rsplit("/", 1)[-1])
-        for page in pages:
-            page_url, links, base = (*page, None)[:3]
-            write_wat_record(writer, page_url, _request_envelope(page_url))
-            write_wat_record(writer, page_url, wat_envelope(page_url, links, base))
-    return path
 
 
 def _csv(text: str) -> list[str]:

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from clip_core.data.synthetic_web import site_name
 from clip_core.data.web_spec import load_spec
-from clip_core.extract import write_wat_file
+from clip_core.wat_writer import write_wat_file
 
 
 def web_pages(root: str) -> Iterator[tuple[str, list[tuple[str, str]]]]:
