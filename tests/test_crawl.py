@@ -14,6 +14,7 @@ import sys
 import tarfile
 import threading
 import time
+import uuid
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, urlsplit
@@ -468,21 +469,22 @@ def test_s3_output(tmp_path, web, moto_s3):
     import fsspec
 
     fs = fsspec.filesystem("s3", endpoint_url=moto_s3, skip_instance_cache=True)
-    fs.mkdir("corpus")
+    bucket = f"corpus-{uuid.uuid4().hex[:8]}"  # moto's backend is shared by every server in the process
+    fs.mkdir(bucket)
     urls = [web.url(f"/img/{i}.jpg") for i in range(5)] + [web.url("/missing/1")]
     pairs = write_pairs(tmp_path / "pairs.parquet", urls, [f"s3 {i}" for i in range(6)])
-    fs.put(pairs, "corpus/pairs.parquet")
-    stats = crawl("s3://corpus/pairs.parquet", "s3://corpus/shards", image_size=32, threads=2,
+    fs.put(pairs, f"{bucket}/pairs.parquet")
+    stats = crawl(f"s3://{bucket}/pairs.parquet", f"s3://{bucket}/shards", image_size=32, threads=2,
                   number_sample_per_shard=4, allow_networks=LOOPBACK)
     assert (stats.success, stats.failed_to_download, stats.shards) == (5, 1, 2)
     fs.invalidate_cache()
-    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("corpus/shards"))
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/shards"))
     assert {"00000.tar", "00001.tar", "00000_stats.json", "crawl_stats.json", "refused.parquet"} <= set(names)
-    fs.get("corpus/shards/00000.tar", str(tmp_path / "local") + "/")
-    fs.get("corpus/shards/00001.tar", str(tmp_path / "local") + "/")
+    fs.get(f"{bucket}/shards/00000.tar", str(tmp_path / "local") + "/")
+    fs.get(f"{bucket}/shards/00001.tar", str(tmp_path / "local") + "/")
     assert sorted(c for _, c, _ in read_tars(tmp_path / "local").values()) == [f"s3 {i}" for i in range(5)]
     hits = web.hits
-    assert crawl("s3://corpus/pairs.parquet", "s3://corpus/shards", image_size=32, threads=2,
+    assert crawl(f"s3://{bucket}/pairs.parquet", f"s3://{bucket}/shards", image_size=32, threads=2,
                  number_sample_per_shard=4, allow_networks=LOOPBACK).fetched_this_run == 0
     assert web.hits == hits
 

@@ -3,6 +3,7 @@ import io
 import json
 import random
 import tarfile
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -183,9 +184,10 @@ def test_shards_stream_from_s3(tmp_path, monkeypatch):
     try:
         folder, keys = make_shards(tmp_path, 2, 6)
         fs = fsspec.filesystem("s3")
-        fs.mkdir("corpus")
-        fs.put([str(p) for p in sorted(folder.glob("*.tar"))], "corpus/shards/")
-        assert sorted(_keys(_loader("s3://corpus/shards", num_workers=1), 3)) == sorted(keys)
+        bucket = f"corpus-{uuid.uuid4().hex[:8]}"  # moto's backend is shared by every server in the process
+        fs.mkdir(bucket)
+        fs.put([str(p) for p in sorted(folder.glob("*.tar"))], f"{bucket}/shards/")
+        assert sorted(_keys(_loader(f"s3://{bucket}/shards", num_workers=1), 3)) == sorted(keys)
     finally:
         S3FileSystem.clear_instance_cache()
         server.stop()
