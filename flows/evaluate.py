@@ -17,6 +17,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from clip_core.eval.run import evaluate as run_evaluation
+from flows.tracking import local_artifact_location
 
 __all__ = ["evaluate", "evaluate_checkpoint", "log_results_to_mlflow", "mlflow_metrics"]
 
@@ -38,7 +39,8 @@ def _run_id(client, run_id: str | None, experiment: str) -> tuple[str, bool]:
         client.get_run(run_id)  # fails early on an unknown id
         return run_id, False
     found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(
+        experiment, artifact_location=local_artifact_location(client.tracking_uri))
     return client.create_run(experiment_id, run_name="evaluate").info.run_id, True
 
 

@@ -43,6 +43,13 @@ def reachable(uri: str, timeout: float = 3.0) -> bool:
         return False
 
 
+def local_artifact_location(uri: str) -> str | None:
+    """For a SQLite store, artifacts beside the database (not ./mlruns of whatever the cwd is)."""
+    if not uri.startswith("sqlite:///"):
+        return None  # a tracking server decides
+    return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+
+
 def flatten(d: dict, prefix: str = "") -> dict:
     """{"a": {"b": 1}} -> {"a.b": 1}."""
     out = {}
@@ -90,7 +97,8 @@ class Tracker:
 
     def _start(self, experiment: str, run_name: str, tags: dict):
         found = self.client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        experiment_id = found.experiment_id if found else self.client.create_experiment(
+            experiment, artifact_location=local_artifact_location(self.uri))
         return self.client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
 
     def log_params(self, params: dict) -> None:
