@@ -180,3 +180,16 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     last = latest_checkpoint(tmp_path / "ckpt")
     assert last.name == "step_00000002" and read_train_state(last)["step"] == 2
     assert trainer.step == 3
+
+
+def test_local_paths_become_absolute_for_ray_workers(tmp_path, monkeypatch):
+    """Ray workers run elsewhere: `clip-pipeline train runs/x/shards runs/x/train` must still find them."""
+    from clip_core.train.config import TrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(corpus="runs/shards", output="runs/train", exclude="runs/dedup/matches.parquet",
+                      eval=["runs/web/eval/shapes"], storage_path="s3://bucket/ray")
+    assert cfg.corpus == str(tmp_path / "runs" / "shards") and cfg.output == str(tmp_path / "runs" / "train")
+    assert cfg.exclude == str(tmp_path / "runs" / "dedup" / "matches.parquet")
+    assert cfg.eval == [str(tmp_path / "runs" / "web" / "eval" / "shapes")]
+    assert cfg.storage_path == "s3://bucket/ray"

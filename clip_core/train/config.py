@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,13 @@ from pathlib import Path
 from clip_core.config import load_preset
 
 PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+def _absolute(path: str | None) -> str | None:
+    """A local path made absolute; URIs (s3://, file://) and empty values unchanged."""
+    if not path or "://" in path:
+        return path
+    return os.path.abspath(path)
 
 
 @dataclass
@@ -65,7 +73,10 @@ class TrainConfig:
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
-        self.eval = list(self.eval or [])
+        # Ray workers run in their own working directory: local paths must be absolute
+        for name in ("corpus", "output", "exclude", "storage_path"):
+            setattr(self, name, _absolute(getattr(self, name)))
+        self.eval = [_absolute(e) for e in self.eval or []]
         self.validate()
 
     def validate(self) -> None:
