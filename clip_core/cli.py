@@ -6,6 +6,8 @@ logic a Python user or a Prefect flow could not reach the same way.
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -87,60 +89,36 @@ def _add_web(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(handler=_cmd_web_serve)
 
 
-def _add_queries(sub: argparse._SubParsersAction) -> None:
-    from clip_core.curation.queries import add_queries_arguments, run_queries_command
-
-    p = sub.add_parser("queries", help="build the query list (WIT recipe: unigrams, PMI bigrams, titles, WordNet)")
-    add_queries_arguments(p)
-    p.set_defaults(handler=run_queries_command)
-
-
-def _add_curate(sub: argparse._SubParsersAction) -> None:
-    from clip_core.curation.curate import add_curate_arguments, run_curate_command
-
-    p = sub.add_parser("curate", help="match captions to queries and balance: at most t pairs per query")
-    add_curate_arguments(p)
-    p.set_defaults(handler=run_curate_command)
-
-
-def _add_crawl(sub: argparse._SubParsersAction) -> None:
-    from clip_core.crawl import add_crawl_arguments, run_crawl_command
-
-    p = sub.add_parser("crawl", help="download pairs with img2dataset into WebDataset shards (URL-safe, resumable)")
-    add_crawl_arguments(p)
-    p.set_defaults(handler=run_crawl_command)
-
-
-def _add_extract(sub: argparse._SubParsersAction) -> None:
-    from clip_core.extract import add_extract_arguments, run_extract_command
-
-    p = sub.add_parser("extract", help="candidate pairs (image URL, alt text) from Common Crawl WAT files")
-    add_extract_arguments(p)
-    p.set_defaults(handler=run_extract_command)
+# Stage commands: each module owns its options (add_*_arguments) and handler (run_*_command);
+# modules are imported when the parser is built. flows.demo is orchestration and lives in flows/.
+STAGES = [  # (command, module, add-arguments function, handler or None when the add sets it, help)
+    ("extract", "clip_core.extract", "add_extract_arguments", "run_extract_command",
+     "candidate pairs (image URL, alt text) from Common Crawl WAT files"),
+    ("queries", "clip_core.curation.queries", "add_queries_arguments", "run_queries_command",
+     "build the query list (WIT recipe: unigrams, PMI bigrams, titles, WordNet)"),
+    ("curate", "clip_core.curation.curate", "add_curate_arguments", "run_curate_command",
+     "match captions to queries and balance: at most t pairs per query"),
+    ("crawl", "clip_core.crawl", "add_crawl_arguments", "run_crawl_command",
+     "download pairs with img2dataset into WebDataset shards (URL-safe, resumable)"),
+    ("dedup", "dedup.cli", "add_dedup_arguments", "run_dedup_command",
+     "remove corpus images that near-duplicate eval images (`dedup train-detector OUT` trains the detector)"),
+    ("train", "clip_core.train.config", "add_train_arguments", "run_train_command",
+     "contrastive training on Ray Train (local cluster or RAY_ADDRESS), MLflow-logged"),
+    ("evaluate", "clip_core.eval.run", "add_evaluate_arguments", None,
+     "zero-shot, retrieval and linear-probe evaluation of a checkpoint"),
+    ("overlap", "clip_core.cli", "_overlap_arguments", "_cmd_overlap",
+     "CLIP Sec. 5 overlap analysis: zero-shot accuracy on All / Clean / Overlap"),
+    ("demo", "flows.demo", "add_demo_arguments", None, "the whole DAG on the embedded default, then a summary"),
+]
 
 
-def _add_dedup(sub: argparse._SubParsersAction) -> None:
-    from dedup.cli import add_dedup_arguments, run_dedup_command
-
-    p = sub.add_parser("dedup", help="remove corpus images that near-duplicate eval images "
-                                     "(`dedup train-detector OUT` trains the copy detector)")
-    add_dedup_arguments(p)
-    p.set_defaults(handler=run_dedup_command)
-
-
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    from clip_core.train.config import add_train_arguments, run_train_command
-
-    p = sub.add_parser("train", help="contrastive training on Ray Train (local cluster or RAY_ADDRESS), MLflow-logged")
-    add_train_arguments(p)
-    p.set_defaults(handler=run_train_command)
-
-
-def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    from clip_core.eval.run import add_evaluate_arguments
-
-    add_evaluate_arguments(sub.add_parser(
-        "evaluate", help="zero-shot, retrieval and linear-probe evaluation of a checkpoint"))
+def _add_stage(sub: argparse._SubParsersAction, name: str, module: str, add: str, run: str | None, help: str) -> None:
+    """Register one stage command from its module's add/run functions."""
+    mod = importlib.import_module(module)
+    parser = sub.add_parser(name, help=help)
+    getattr(mod, add)(parser)
+    if run:
+        parser.set_defaults(handler=getattr(mod, run))
 
 
 def _cmd_overlap(args: argparse.Namespace) -> int:
@@ -153,20 +131,12 @@ def _cmd_overlap(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_overlap(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("overlap", help="CLIP Sec. 5 overlap analysis: zero-shot accuracy on All / Clean / Overlap")
+def _overlap_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint file or folder, or a training output folder (latest checkpoint)")
     p.add_argument("--matches", required=True, help="matches.parquet written by `clip-pipeline dedup`")
     p.add_argument("--eval", nargs="+", required=True, metavar="EVALDIR", help="classification eval sets")
     p.add_argument("--out", required=True, help="folder for overlap.json, overlap.md, overlap.png")
     p.add_argument("--batch-size", type=int, default=64)
-    p.set_defaults(handler=_cmd_overlap)
-
-
-def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from flows.demo import add_demo_arguments  # the demo is orchestration: it lives in flows/
-
-    add_demo_arguments(sub.add_parser("demo", help="the whole DAG on the embedded default, then a summary"))
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
@@ -185,7 +155,10 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_tokenize)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_web, _add_extract, _add_queries, _add_curate, _add_crawl, _add_dedup, _add_train, _add_evaluate, _add_overlap, _add_demo, _add_models, _add_tokenize]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_web, *(functools.partial(_add_stage, name=n, module=m, add=a, run=r, help=h) for n, m, a, r, h in STAGES),
+    _add_models, _add_tokenize,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

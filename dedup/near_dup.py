@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clip_core.eval.features import batched
 from dedup.calibrate import calibrate_reference
 from dedup.descriptors import decode_all, encode, make_descriptors
 from dedup.index import build_index
@@ -61,22 +62,11 @@ class EvalReference:
         return {**self.__dict__, "_search": {}}
 
 
-def _batches(items, size: int) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def encode_split(descriptors, root: str, split: str, batch_size: int = 128, keep: int = 0, rng=None):
     """(codes, eval_index, unreadable, reservoir) of a split; the reservoir holds `keep` (row, image)."""
     from clip_core.eval.datasets import iter_samples
     parts, eval_index, unreadable, reservoir = [], [], [], []
-    for batch in _batches(iter_samples(root, split), batch_size):
+    for batch in batched(iter_samples(root, split), batch_size):
         images, ok, errors = decode_all([s.image_bytes for s in batch], [f"{s.key}.{s.ext}" for s in batch])
         unreadable += errors
         parts.append(encode(descriptors, images))
@@ -202,7 +192,7 @@ def dedup_shard(shard_uri: str, refs: Sequence[EvalReference], descriptors, *, b
     fs, path = fsspec.core.url_to_fs(shard_uri, **(storage_options or {}))
     result = ShardResult(shard_uri)
     try:
-        for batch in _batches(iter_shard_images(fs, path), batch_size):
+        for batch in batched(iter_shard_images(fs, path), batch_size):
             result.n_images += len(batch)
             result.unreadable += [(key, "sample has no image") for key, blob in batch if blob is None]
             readable = [(key, blob) for key, blob in batch if blob is not None]
