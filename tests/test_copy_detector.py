@@ -10,13 +10,7 @@ from dedup.copy_detector import (BlurPool, CopyDetector, DetectorConfig, default
 TINY = DetectorConfig(image_size=32, widths=(8, 16, 32), depths=(1, 1, 1), embed_dim=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Intra-op threads spin when the CPU is shared; one thread is faster and deterministic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_blur_pool_halves_and_keeps_constants():

@@ -12,13 +12,7 @@ from dedup.descriptors import (ALIASES, ClipDescriptor, PHashDescriptor, decode_
                                make_descriptors, pair_similarity, phash)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Intra-op threads spin when the CPU is shared; one thread is faster and deterministic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference_phash(img: Image.Image) -> int:

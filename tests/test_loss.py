@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from flows.common import free_port
 from clip_core.loss import ClipLoss, SigLipLoss, clip_loss, siglip_loss
 
 N, D_IN, D, WORLD = 8, 6, 4, 2
@@ -173,12 +174,6 @@ def _rank_main(rank: int, port: int, ifname, out: list) -> None:
     torch.save(results, out[rank])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _loopback_name():
     return next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
 
@@ -187,7 +182,7 @@ def _loopback_name():
 def ranks(tmp_path_factory) -> dict:
     """Per-case list of the two ranks' losses and gradients."""
     out = [str(tmp_path_factory.mktemp("ranks") / f"rank{r}.pt") for r in range(WORLD)]
-    mp.spawn(_rank_main, args=(_free_port(), _loopback_name(), out), nprocs=WORLD, join=True)
+    mp.spawn(_rank_main, args=(free_port(), _loopback_name(), out), nprocs=WORLD, join=True)
     per_rank = [torch.load(path) for path in out]
     return {case: [per_rank[r][case] for r in range(WORLD)] for case in CASES}
 

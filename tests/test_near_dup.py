@@ -17,13 +17,7 @@ from dedup.near_dup import build_references, dedup, dedup_shard
 KINDS = (["rescale"], ["jpeg"], ["crop"], ["color"], ["rescale", "color"], ["crop", "jpeg"])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Intra-op threads spin when the CPU is shared; one thread is faster and deterministic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _jpeg(img, quality=90) -> bytes:

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
+from flows.common import free_port
 from clip_core.data import concepts as C
 from clip_core.data.captions import plural
 from clip_core.data.render import render_scene
@@ -27,12 +28,6 @@ N_PAIRS = 3000
 FAILURES = {f: 0.02 for f in FATES[1:]}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _generate(path, port, **kw):
     return generate_web(str(path), n_pairs=N_PAIRS, seed=7, base_url=f"http://127.0.0.1:{port}",
                         image_size=64, failure_rates=FAILURES, eval_sizes=48, planted_rate=0.03,
@@ -41,7 +36,7 @@ def _generate(path, port, **kw):
 
 @pytest.fixture(scope="module")
 def web(tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     root = _generate(tmp_path_factory.mktemp("web"), port)
     return {"root": root, "port": port, "app": SyntheticWeb.from_root(root),
             "pairs": pq.read_table(f"{root}/pairs.parquet").to_pylist(),

@@ -9,12 +9,7 @@ from clip_core.train.checkpoint import CheckpointCallback, latest_checkpoint, sa
 from test_train_data import make_shards
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,11 @@
 import math
 import multiprocessing as mp
 import os
-import socket
 
 import pytest
 import torch
 
+from flows.common import free_port
 from clip_core.loss import ClipLoss
 from clip_core.model import create_model
 from clip_core.train import TrainConfig, build_training
@@ -17,12 +17,7 @@ from clip_core.train.optim import MAX_LOGIT_SCALE, WarmupCosine, build_optimizer
 from test_train_data import make_shards
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two cores shared: intra-op threads only oversubscribe
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny():
@@ -118,15 +113,9 @@ def _ddp_grads(rank, world, port, inputs, accum, path):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_ranks_with_local_loss_and_accumulation_equal_one_process(tmp_path):
-    inputs, path, port = batch(8), tmp_path / "grads.pt", _free_port()
+    inputs, path, port = batch(8), tmp_path / "grads.pt", free_port()
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_ddp_grads, args=(r, 2, port, inputs, 2, path)) for r in range(2)]
     for p in procs:

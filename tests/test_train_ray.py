@@ -4,7 +4,6 @@ import dataclasses
 import io
 import json
 import os
-import socket
 import tarfile
 import tempfile
 import time
@@ -12,6 +11,7 @@ import time
 import pytest
 import torch
 
+from flows.common import free_port
 from clip_core.loss import ClipLoss
 from clip_core.model import load_checkpoint
 from clip_core.train import TrainConfig, build_model_for, build_training, data_config
@@ -21,18 +21,7 @@ from clip_core.train.data import ShardLoader
 from test_train_data import make_shards, shape_image
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +127,7 @@ def test_a_killed_worker_is_restarted_from_its_checkpoint(tmp_path, corpus, ray_
                 time.sleep(8)  # Ray registers the step-4 report at its next health-check poll (every 2 s)
                 os._exit(1)
 
-    cfg = config(tmp_path, corpus, steps=10, max_failures=1, mlflow_uri=f"http://127.0.0.1:{_free_port()}")
+    cfg = config(tmp_path, corpus, steps=10, max_failures=1, mlflow_uri=f"http://127.0.0.1:{free_port()}")
     summary = train(cfg, callbacks=[KillRank1Once()])
     assert os.path.exists(marker) and summary["steps"] == 10
     assert [r["step"] for r in summary["history"]] == list(range(5, 11))  # resumed from step_00000004
@@ -172,14 +161,14 @@ def test_an_unreachable_ray_address_fails_fast(tmp_path, corpus):
     from flows.train import train
 
     with pytest.raises(ConnectionError, match="cannot reach the Ray cluster"):
-        train(config(tmp_path, corpus, ray_address=f"127.0.0.1:{_free_port()}"))
+        train(config(tmp_path, corpus, ray_address=f"127.0.0.1:{free_port()}"))
 
 
 def test_a_down_tracking_server_does_not_stop_training(tmp_path, corpus):
     from flows.tracking import MetricsCallback, Tracker
 
     with pytest.warns(UserWarning, match="unreachable"):
-        tracker = Tracker(f"http://127.0.0.1:{_free_port()}")
+        tracker = Tracker(f"http://127.0.0.1:{free_port()}")
     assert tracker.start("clip", "run", {"lr": 1}, {}) is None
     metrics = MetricsCallback(tracker, tmp_path / "metrics.jsonl", log_every=1, world_size=1)
     trainer, loader = build_training(config(tmp_path, corpus, workers=1, batch_size=8), callbacks=[metrics])
