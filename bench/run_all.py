@@ -22,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 BENCHES = {  # name: (full arguments, quick arguments)
     "tokenizer": (["tokenizer_bench.py"], ["tokenizer_bench.py", "--n", "5000"]),
     "model step": (["model_step.py"], ["model_step.py", "--repeats", "3"]),
+    "query list": (["queries_bench.py"], ["queries_bench.py", "--tokens", "1000000", "--workers", "1"]),
     "curation": (["curation_bench.py"], ["curation_bench.py", "--captions", "200000", "--big", "2"]),
     "crawl": (["crawl_bench.py"], ["crawl_bench.py", "--images", "600", "--repeats", "3"]),
     "extract": (["extract_bench.py"], ["extract_bench.py", "--files", "4", "--pages", "500"]),

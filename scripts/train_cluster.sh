@@ -9,7 +9,8 @@
 # `ray dashboard infra/ray/cluster.yaml`, or the KubeRay head service): the same command runs
 # as a Ray Job with this directory as its working directory; `ray job submit` streams the
 # logs until the job ends (Ctrl-C detaches; `ray job stop ID` stops it). On a multi-node
-# cluster OUT and --storage-path must be shared storage (s3://, NFS/EFS, a RWX volume).
+# cluster OUT and --storage-path must be shared storage (s3://, NFS/EFS, a RWX volume). CORPUS
+# and OUT are made absolute here; paths inside TRAIN_ARGS must be absolute or URIs already.
 #
 # RAY_ADDRESS unset: the driver starts a local Ray head for the run and stops it at the end
 # (workers at 0.5 CPU each, so a laptop's cores do not starve Ray).
@@ -20,6 +21,10 @@ CORPUS="${CORPUS:-runs/demo/shards}"  # default: the demo's corpus (make demo)
 OUT="${OUT:-runs/demo/train-cluster}"
 [[ "$CORPUS" == *://* || -e "$CORPUS" ]] || { echo "no corpus at $CORPUS: run \`make demo\` first or set CORPUS=..."; exit 2; }
 TRAIN_ARGS="${TRAIN_ARGS:-}"
+# the job runs in an uploaded copy of this directory: local paths must be absolute
+absolute() { if [[ "$1" == *://* ]]; then echo "$1"; else realpath -m "$1"; fi; }
+CORPUS="$(absolute "$CORPUS")"
+OUT="$(absolute "$OUT")"
 PY="${PY:-.venv/bin/python}"
 [[ -x "$PY" ]] || PY=python3
 

@@ -42,9 +42,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.2,
-                    betas=(0.9, 0.98), eps: float = 1e-6) -> torch.optim.AdamW:
-    """AdamW with CLIP's hyper-parameters and no decay on gains/biases/embeddings."""
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+                    betas=(0.9, 0.98), eps: float = 1e-6, fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW with CLIP's hyper-parameters and no decay on gains/biases/embeddings.
+
+    fused=None: the fused CUDA kernel when every parameter is on a GPU (one launch per step
+    instead of one per tensor group), the foreach implementation otherwise.
+    """
+    if fused is None:
+        fused = all(p.is_cuda for p in model.parameters())
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps,
+                             fused=fused or None)
 
 
 class WarmupCosine:

@@ -1,0 +1,71 @@
+"""`make train-cluster` with RAY_ADDRESS: the training goes to a real Ray head as a Ray Job.
+
+The head is started with `ray start --head --block` in its own process group, so the test
+can stop exactly this cluster (`ray stop` would kill every Ray process on the machine).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from flows.common import free_port
+from test_train_data import make_shards
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def ray_head():
+    """A Ray head with its dashboard (the job server) on 127.0.0.1; yields the job address."""
+    dashboard = free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--node-ip-address=127.0.0.1",
+         "--num-cpus=3", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--temp-dir={tempfile.mkdtemp(prefix='rayhead', dir='/tmp')}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.time() + 120
+        while True:  # the job server answers once the dashboard is up
+            try:
+                with urllib.request.urlopen(f"{address}/api/version", timeout=5) as r:
+                    json.load(r)
+                break
+            except OSError:
+                if head.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"the Ray head did not start (exit {head.poll()})")
+                time.sleep(1)
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_make_train_cluster_submits_a_ray_job(tmp_path, ray_head):
+    corpus, _ = make_shards(tmp_path / "corpus", 2, 16)
+    out = tmp_path / "out"
+    args = ("--preset tiny --image-size 32 --steps 4 --batch-size 8 --workers 2 --cpus-per-worker 0.5 "
+            "--precision fp32 --data-workers 0 --checkpoint-every 2 --log-every 1")
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ADDRESS": ray_head, "RAY_AUTH_MODE": "disabled"}
+    done = subprocess.run(["make", "-s", "train-cluster", f"PY={sys.executable}", f"CORPUS={corpus}", f"OUT={out}",
+                           f"TRAIN_ARGS={args}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    assert f"submitting to the Ray cluster at {ray_head}" in log and "succeeded" in log, log[-4000:]
+    assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "config.json").is_file()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
