@@ -5,7 +5,9 @@ of a flow skips finished stages and redoes only what is missing.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import posixpath
 import socket
 
@@ -34,6 +36,35 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+# Ray's switch for single-machine clusters: read when `ray` is imported, by every Ray process
+SINGLE_MACHINE_RAY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def loopback_ray():
+    """Inside: a Ray cluster started here listens and talks on 127.0.0.1 only.
+
+    Ray swaps 127.0.0.1 for the host's outward address (so other nodes could join); a local
+    cluster has no other node, and its GCS, raylet and agents should not be reachable from the
+    network. Ray's single-machine mode keeps them on loopback. The raylet and the processes it
+    starts inherit the variable; this process gets its old setting back afterwards, so a later
+    ray.init(address=...) to a real cluster advertises a reachable address again.
+    """
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(SINGLE_MACHINE_RAY), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[SINGLE_MACHINE_RAY], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(SINGLE_MACHINE_RAY, None)
+        else:
+            os.environ[SINGLE_MACHINE_RAY] = saved_env
 
 
 def table_artifact(key: str, rows: list[dict], description: str) -> None:

@@ -8,11 +8,12 @@ its build once per worker.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 
 import ray
+
+from flows.common import loopback_ray
 
 
 class RayExecutor:
@@ -31,10 +32,10 @@ class RayExecutor:
         if self.address:
             ray.init(address=self.address, **kwargs)
         else:  # a local cluster (ENVIRONMENT.md): no auth, a temp folder we own, >= 2 logical CPUs
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             if "_temp_dir" not in kwargs:
                 kwargs["_temp_dir"] = self._temp_dir = tempfile.mkdtemp(prefix="ray-curate-")
-            ray.init(num_cpus=max(self.num_cpus, 2) if self.num_cpus else None, **kwargs)  # 1 CPU times out
+            with loopback_ray():
+                ray.init(num_cpus=max(self.num_cpus, 2) if self.num_cpus else None, **kwargs)  # 1 CPU times out
         self._started = True
 
     def map(self, fn, items) -> list:

@@ -38,6 +38,7 @@ from clip_core.train.checkpoint import save_train_state
 from clip_core.train.data import check_corpus
 from clip_core.train.loop import NonFiniteLossError
 from clip_core.train.optim import unwrap
+from flows.common import loopback_ray
 from flows.tracking import (MetricsCallback, Tracker, ZeroShotEval, corpus_tags, default_tracking_uri,
                             flops_per_sample, git_commit, peak_flops)
 
@@ -161,7 +162,7 @@ def _check_ray_address(address: str) -> None:
 
 
 def connect_ray(cfg: TrainConfig) -> None:
-    """ray.init on --ray-address / RAY_ADDRESS, else a local cluster in a temp dir we own."""
+    """ray.init on --ray-address / RAY_ADDRESS, else a local cluster on 127.0.0.1 in a temp dir we own."""
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         _check_ray_address(address)
@@ -170,10 +171,10 @@ def connect_ray(cfg: TrainConfig) -> None:
     if address:
         ray.init(address=address)
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # logical CPUs: enough for every worker plus Ray's own actors (one CPU would time out)
     cpus = max(os.cpu_count() or 1, math.ceil(cfg.workers * cfg.cpus_per_worker) + 1, 2)
-    ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray"))
+    with loopback_ray():
+        ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray"))
 
 
 def _is_dir(uri: str) -> bool:

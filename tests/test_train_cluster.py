@@ -10,41 +10,50 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from flows.common import free_port
+from flows.common import SINGLE_MACHINE_RAY, free_port
 from test_train_data import make_shards
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+def wait_for_job_agent(address: str, head: subprocess.Popen, timeout: float = 180) -> None:
+    """Until a trivial job runs: the dashboard answers before the node's job agent is ready."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            client = JobSubmissionClient(address)
+            job = client.submit_job(entrypoint="true")
+            while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                time.sleep(0.5)
+            return
+        except (ConnectionError, RuntimeError) as e:
+            if head.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the Ray head's job server is not ready (exit {head.poll()}): {e}") from e
+            time.sleep(1)
+
+
 @pytest.fixture
 def ray_head():
     """A Ray head with its dashboard (the job server) on 127.0.0.1; yields the job address."""
     dashboard = free_port()
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled", SINGLE_MACHINE_RAY: "0"}
+    env.pop("RAY_ADDRESS", None)  # single-machine mode: the head advertises 127.0.0.1, not the host's address
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--node-ip-address=127.0.0.1",
          "--num-cpus=3", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--dashboard-agent-listen-port={free_port()}",
          f"--temp-dir={tempfile.mkdtemp(prefix='rayhead', dir='/tmp')}", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        deadline = time.time() + 120
-        while True:  # the job server answers once the dashboard is up
-            try:
-                with urllib.request.urlopen(f"{address}/api/version", timeout=5) as r:
-                    json.load(r)
-                break
-            except OSError:
-                if head.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"the Ray head did not start (exit {head.poll()})")
-                time.sleep(1)
+        wait_for_job_agent(address, head)
         yield address
     finally:
         os.killpg(head.pid, signal.SIGTERM)
@@ -60,7 +69,8 @@ def test_make_train_cluster_submits_a_ray_job(tmp_path, ray_head):
     out = tmp_path / "out"
     args = ("--preset tiny --image-size 32 --steps 4 --batch-size 8 --workers 2 --cpus-per-worker 0.5 "
             "--precision fp32 --data-workers 0 --checkpoint-every 2 --log-every 1")
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ADDRESS": ray_head, "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ADDRESS": ray_head, "RAY_AUTH_MODE": "disabled",
+           SINGLE_MACHINE_RAY: "0"}
     done = subprocess.run(["make", "-s", "train-cluster", f"PY={sys.executable}", f"CORPUS={corpus}", f"OUT={out}",
                            f"TRAIN_ARGS={args}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     log = done.stdout + done.stderr

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from flows.common import free_port
+from flows.common import free_port, loopback_ray
 from clip_core.loss import ClipLoss
 from clip_core.model import load_checkpoint
 from clip_core.train import TrainConfig, build_model_for, build_training, data_config
@@ -28,8 +28,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def ray_cluster():
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=3, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    with loopback_ray():
+        ray.init(num_cpus=3, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     yield
     ray.shutdown()
 
