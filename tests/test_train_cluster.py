@@ -79,3 +79,17 @@ def test_make_train_cluster_submits_a_ray_job(tmp_path, ray_head):
     assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "config.json").is_file()
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_loopback_ray_sets_single_machine_mode_and_restores_it(monkeypatch):
+    from ray._private import ray_constants
+
+    from flows.common import loopback_ray
+
+    monkeypatch.setenv(SINGLE_MACHINE_RAY, "1")
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    with loopback_ray():
+        assert os.environ[SINGLE_MACHINE_RAY] == "0" and ray_constants.ENABLE_RAY_CLUSTER is False
+        from ray._private.services import get_node_ip_address
+        assert get_node_ip_address() == "127.0.0.1"  # what a cluster started here advertises
+    assert os.environ[SINGLE_MACHINE_RAY] == "1" and ray_constants.ENABLE_RAY_CLUSTER is True
