@@ -113,9 +113,11 @@ def _split_name(name: str) -> tuple[str, str]:
 
 
 def iter_shard(fs, path: str, decode: bool = True) -> Iterator[dict]:
-    """Samples of one shard in order, members grouped by key (the name before the first dot)."""
+    """Samples of one shard in order, members grouped by key (the name before the first dot).
+
+    Plain or compressed (.tar.gz, ...) tars, read as a stream."""
     sample: dict = {}
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         for member in tar:
             if not member.isfile():
                 continue

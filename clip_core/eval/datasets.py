@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import posixpath
 import re
-import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -29,6 +28,7 @@ from importlib import resources
 import fsspec
 from PIL import Image
 
+from clip_core.data.webdataset_io import iter_shard
 from clip_core.transforms import load_image
 
 __all__ = ["EvalSet", "Sample", "load_eval_set", "iter_samples", "read_image", "read_images",
@@ -159,30 +159,10 @@ def _split_dir(path: str, split: str):
 
 # ----- WebDataset shards -----
 
-def _split_member(name: str) -> tuple[str, str]:
-    """`dir/KEY.ext.more` -> (`dir/KEY`, `ext.more`): WebDataset splits at the first dot of the basename."""
-    folder, base = posixpath.split(name)
-    stem, _, ext = base.partition(".")
-    return posixpath.join(folder, stem), ext.lower()
-
-
 def _iter_tar(fs, path: str) -> Iterator[dict]:
-    """Raw samples {"__key__", ext: bytes} of one shard, members grouped by consecutive key."""
-    sample: dict = {}
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, ext = _split_member(member.name)
-            if not ext:
-                continue
-            if sample and sample["__key__"] != key:
-                yield sample
-                sample = {}
-            sample["__key__"] = key
-            sample[ext] = tar.extractfile(member).read()
-    if sample:
-        yield sample
+    """Raw samples {"__key__", ext: bytes} of one shard, extensions lower-cased."""
+    for sample in iter_shard(fs, path, decode=False):
+        yield {k if k == "__key__" else k.lower(): v for k, v in sample.items()}
 
 
 def _captions(raw: dict, where: str) -> tuple[str, ...]:
