@@ -9,8 +9,11 @@ import argparse
 import functools
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
+
+from clip_core.errors import BAD_INPUT_ERRORS, EXIT_BAD_INPUT
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -175,14 +178,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `clip-pipeline` console script."""
+    """Run one subcommand: 0 done, 1 the run failed, 2 bad input (one line on stderr)."""
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as err:
+    except BAD_INPUT_ERRORS as err:
         print(f"clip-pipeline {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+
+
+def console_main() -> None:
+    """The console script: exits without native teardown after a failure.
+
+    After an error, threads of native libraries (Arrow's I/O pool, gRPC) may still be alive
+    when the interpreter finalises, and their C++ destructors then abort the process
+    ("terminate called without an active exception", exit 134 instead of 2). Once the
+    message is printed nothing is left to do, so a failed command leaves with os._exit.
+    """
+    code = main()
+    if code:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()
