@@ -11,16 +11,19 @@ Layout of OUT (any fsspec URI): img2dataset's `NNNNN.tar`, `NNNNN.parquet`,
 `NNNNN_stats.json`; ours: `_input/pairs.parquet` (the staged safe list), `_input/retry_*.parquet`,
 `_input/manifest.json`, `refused.parquet` (url, reason) and `crawl_stats.json`.
 
+Checks first, writes after: the options, OUT and the pairs are all checked before anything
+is written (InputError otherwise). OUT must be new, empty or a folder this crawl wrote: its
+`_input/manifest.json` is written first and marks it.
+
 Resume: img2dataset's incremental mode treats a shard as done when its `_stats.json`
 exists; that file is written last, so a shard killed mid-way has a tar and a parquet but
-no stats. We delete such leftovers before each call and they are never counted.
+no stats. Before each call we delete such leftovers, and only those of shard ids the
+crawl's record proves it handed to img2dataset (the main run's from the manifest, a retry
+round's from its `_input/retry_NNNNN.parquet`), named as img2dataset names them; any other
+file in OUT is left alone and never counted.
 
-img2dataset starts its workers with the spawn method, which re-runs the caller's script in
-each worker; the call hides `__main__` from them, so a script needs no
-`if __name__ == "__main__":` guard. From a thread other than the main one (a Prefect task)
-img2dataset runs in a child process, because it installs a SIGINT handler. One crawl per
-process at a time: while it runs the call sets NO_ALBUMENTATIONS_UPDATE, a private TMPDIR
-and the guard's proxy variables in os.environ.
+How img2dataset is run (behind the guard, in its own environment, from any thread, from a
+script without a `__main__` guard) is `crawl_guard`'s part; one crawl per process at a time.
 """
 from __future__ import annotations
 
@@ -29,36 +32,36 @@ import contextlib
 import functools
 import json
 import math
-import os
 import re
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import threading
 import time
-import types
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from urllib.parse import urlsplit
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clip_core.crawl_guard import REFUSED, GuardProxy
-from clip_core.crawl_safety import PreparedPairs, Resolver, UrlPolicy, parse_networks, prepare_pairs, read_pairs
+from clip_core.crawl_guard import REFUSED, GuardProxy, guard_env, run_img2dataset
+from clip_core.crawl_safety import (
+    RESIZE_MODES, PreparedPairs, Resolver, UrlPolicy, check_fetchable, check_options, parse_networks,
+    prepare_pairs, read_pairs,
+)
+from clip_core.errors import BAD_INPUT_ERRORS, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, InputError, check
 
 DEFAULT_DISALLOWED = ("noai", "noimageai", "noindex", "noimageindex")
-# Errors a retry cannot fix: gone pages, the site's own opt-out, our guard's refusals.
-PERMANENT_ERRORS = ("HTTP Error 404:", "HTTP Error 410:", "HTTP Error 451:", "X-Robots-Tag", REFUSED)
+# Errors a retry cannot fix: gone pages, the site's own opt-out, our guard's refusals, and a URL
+# urllib cannot send (normalise_url encodes those first; this catches any that slip through).
+PERMANENT_ERRORS = ("HTTP Error 404:", "HTTP Error 410:", "HTTP Error 451:", "X-Robots-Tag", REFUSED,
+                    "URL can't contain control characters", "codec can't encode")
 SHARD_FILE = re.compile(r"^(\d+)(_stats\.json|\.tar|\.parquet)$")
+RETRY_FILE = re.compile(r"^retry_(\d+)\.parquet$")
+MANIFEST, STAGED, STATS_ASIDE = "_input/manifest.json", "_input/pairs.parquet", "_input/crawl_stats.json"
 MANIFEST_KEYS = ("number_sample_per_shard", "image_size", "resize_mode", "encode_quality")
-CHILD_CODE = "import json, sys, img2dataset; img2dataset.download(**json.loads(sys.argv[1]))"
 
 
 @dataclass
@@ -70,6 +73,7 @@ class CrawlStats:
     refused: dict[str, int] = field(default_factory=dict)
     queued: int = 0  # safe rows handed to img2dataset
     attempted: int = 0  # queued rows with a recorded outcome
+    not_attempted: int = 0  # queued rows without one (their shard is incomplete: run again)
     success: int = 0
     failed_to_download: int = 0
     failed_to_resize: int = 0
@@ -93,7 +97,7 @@ class CrawlStats:
         return "\n".join([
             f"input rows {self.input_rows}, skipped {sum(self.skipped.values())} {self.skipped}, "
             f"refused {sum(self.refused.values())} {self.refused}",
-            f"attempted {self.attempted}/{self.queued}: success {self.success} "
+            f"attempted {self.attempted}/{self.queued} ({self.not_attempted} not yet): success {self.success} "
             f"({self.success_rate:.1%}), failed to download {self.failed_to_download}, "
             f"failed to resize {self.failed_to_resize}",
             f"shards {self.shards} ({self.incomplete_shards} incomplete), {self.bytes_written} bytes; "
@@ -104,31 +108,35 @@ class CrawlStats:
 
 @dataclass
 class ShardListing:
-    """The shard files in OUT by shard id: complete ones have a `_stats.json`."""
+    """This crawl's shard files in OUT by shard id: complete ones have a `_stats.json`."""
 
     stats: set[int]
     files: dict[int, list[str]]
     tar_bytes: dict[int, int]
-    other_json: list[str]
 
     def incomplete(self) -> set[int]:
         """Shards with files but no stats (killed mid-way)."""
         return set(self.files) - self.stats
 
 
-def list_shards(fs: fsspec.AbstractFileSystem, out: str) -> ShardListing:
-    """List OUT afresh (no listing cache: workers wrote behind our back)."""
+def shard_file(name: str) -> tuple[int, str] | None:
+    """(shard id, kind) of a file named as img2dataset names shards (`00007.tar`), else None."""
+    match = SHARD_FILE.match(name)
+    # img2dataset pads ids to 5 digits: `000007.tar` or `7.tar` is someone else's file.
+    if match is None or f"{int(match.group(1)):05d}" != match.group(1):
+        return None
+    return int(match.group(1)), match.group(2)
+
+
+def list_shards(fs: fsspec.AbstractFileSystem, out: str, owned: set[int]) -> ShardListing:
+    """List the shard files of the `owned` ids afresh (no listing cache: workers wrote behind our back)."""
     fs.invalidate_cache()
-    listing = ShardListing(set(), {}, {}, [])
-    entries = fs.ls(out, detail=True) if fs.exists(out) else []
-    for entry in entries:
-        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-        match = SHARD_FILE.match(name)
-        if match is None:
-            if name.endswith(".json"):
-                listing.other_json.append(name)
+    listing = ShardListing(set(), {}, {})
+    for entry in fs.ls(out, detail=True) if fs.exists(out) else []:
+        parsed = shard_file(_name(entry["name"]))
+        if parsed is None or parsed[0] not in owned:
             continue
-        shard, kind = int(match.group(1)), match.group(2)
+        shard, kind = parsed
         if kind == "_stats.json":
             listing.stats.add(shard)
             continue
@@ -138,11 +146,43 @@ def list_shards(fs: fsspec.AbstractFileSystem, out: str) -> ShardListing:
     return listing
 
 
-def _sweep_incomplete(fs: fsspec.AbstractFileSystem, listing: ShardListing) -> None:
-    """Delete the tar/parquet of shards without stats; img2dataset redoes them."""
-    for shard in listing.incomplete():
-        for path in listing.files.pop(shard):
-            fs.rm(path)
+def _name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+@dataclass
+class CrawlFolder:
+    """OUT of one crawl, and the record (`_input/`) that proves which shards in it the crawl wrote."""
+
+    fs: fsspec.AbstractFileSystem
+    out: str
+    manifest: dict
+
+    def owned(self) -> set[int]:
+        """Shard ids handed to img2dataset: the main run's, and each retry round's from its `_input/retry_NNNNN.parquet`."""
+        per_shard = self.manifest["number_sample_per_shard"]
+        owned = set(range(math.ceil(self.manifest["rows"] / per_shard)))
+        self.fs.invalidate_cache()
+        for path in self.fs.glob(f"{self.out}/_input/retry_*.parquet"):
+            match = RETRY_FILE.match(_name(path))
+            if match is not None:
+                with self.fs.open(path, "rb") as f:
+                    rows = pq.ParquetFile(f).metadata.num_rows
+                first = int(match.group(1))
+                owned.update(range(first, first + math.ceil(rows / per_shard)))
+        return owned
+
+    def shards(self) -> ShardListing:
+        """This crawl's shard files, listed afresh."""
+        return list_shards(self.fs, self.out, self.owned())
+
+    def sweep(self) -> ShardListing:
+        """Delete the tar/parquet of this crawl's shards that have no stats (img2dataset redoes them); list again."""
+        listing = self.shards()
+        for shard in listing.incomplete():
+            for path in listing.files.pop(shard):
+                self.fs.rm(path)
+        return listing
 
 
 def _write_atomic(fs: fsspec.AbstractFileSystem, path: str, write) -> None:
@@ -163,94 +203,63 @@ def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: dict) -> None:
     _write_atomic(fs, path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
-def stage_input(fs: fsspec.AbstractFileSystem, out: str, safe: pa.Table, manifest: dict) -> str:
-    """Write the safe list once; on a rerun check it is unchanged, so shards line up."""
-    staging, manifest_path = f"{out}/_input/pairs.parquet", f"{out}/_input/manifest.json"
-    fs.makedirs(f"{out}/_input", exist_ok=True)
-    if fs.exists(manifest_path):
-        with fs.open(manifest_path, "rb") as f:
-            old = json.load(f)
-        changed = [k for k in MANIFEST_KEYS if old.get(k) != manifest[k]]
-        if changed:
-            raise ValueError(f"{out} was crawled with other {changed}: {old}; use a new output folder")
+# Checks at the door: every option, OUT and the pairs, before anything is written.
+
+def read_crawl_manifest(fs: fsspec.AbstractFileSystem, out: str) -> dict | None:
+    """The manifest of the crawl in OUT; None when OUT is new or empty; InputError for anything else.
+
+    crawl deletes only what it can prove it wrote, so it writes only into a folder that is
+    empty or holds its own record.
+    """
+    if not fs.exists(out):
+        return None
+    check(fs.isdir(out), out, "is a file, not a folder", "give a folder for the shards (a new path)")
+    names = sorted(_name(p) for p in fs.ls(out, detail=False))
+    if not names:
+        return None
+    path = f"{out}/{MANIFEST}"
+    shown = names[:5] + (["..."] if len(names) > 5 else [])
+    check(fs.exists(path), out, f"is not empty and holds no crawl record ({MANIFEST}): {shown}",
+          "give a new or empty folder; crawl writes only where it can tell its own files apart")
+    try:
+        with fs.open(path, "rb") as f:
+            manifest = json.load(f)
+        owned = CrawlFolder(fs, out, manifest).owned()
+    except (ValueError, TypeError, KeyError, ZeroDivisionError, pa.ArrowException) as err:
+        raise InputError(path, f"is not a crawl manifest ({err!r})", "crawl into a new folder") from None
+    # img2dataset reads every OUT/*.json as a shard's stats: a name it cannot parse stops it, and a
+    # shard that is not ours would be taken as done or move where a retry round starts.
+    foreign = [n for n in names if n.endswith(".json") and n != "crawl_stats.json"
+               and (shard_file(n) or (None,))[0] not in owned]
+    check(not foreign, out, f"holds JSON files img2dataset would read as shard stats: {foreign}", "move them out of OUT")
+    return manifest
+
+
+def check_rerun(fs: fsspec.AbstractFileSystem, out: str, old: dict | None, manifest: dict, safe: pa.Table) -> None:
+    """On a rerun, InputError unless the options and the staged safe list match, so the shards line up."""
+    if old is None:
+        return
+    changed = [k for k in MANIFEST_KEYS if old.get(k) != manifest[k]]
+    check(not changed, out, f"was crawled with other {changed}: {({k: old.get(k) for k in changed})}",
+          "use the first run's options, or a new output folder")
+    staging = f"{out}/{STAGED}"
     if fs.exists(staging):
         with fs.open(staging, "rb") as f:
-            if not pq.read_table(f).equals(safe):
-                raise ValueError(
-                    f"the safe pairs differ from those staged in {staging} by an earlier run "
-                    "(input, allow_networks or DNS changed); shards would not line up: use a new "
-                    "output folder, or delete OUT to start over")
-    else:
-        write_parquet(fs, staging, safe)
-    write_json(fs, manifest_path, manifest)
+            check(pq.read_table(f).equals(safe), staging,
+                  "the safe pairs differ from those staged by an earlier run (input, allow_networks or DNS "
+                  "changed); shards would not line up", "use a new output folder, or delete OUT to start over")
+
+
+def stage_input(fs: fsspec.AbstractFileSystem, out: str, old: dict | None, manifest: dict,
+                prepared: PreparedPairs) -> str:
+    """Write the crawl's record: the manifest first (it marks OUT as ours), the safe list once, refused.parquet."""
+    fs.makedirs(f"{out}/_input", exist_ok=True)
+    write_json(fs, f"{out}/{MANIFEST}", {**(old or {}), **manifest})
+    staging = f"{out}/{STAGED}"
+    if not fs.exists(staging):
+        write_parquet(fs, staging, prepared.safe)
+    write_parquet(fs, f"{out}/refused.parquet", prepared.refused)
     return staging
-
-
-def guard_env(proxy_url: str) -> dict[str, str]:
-    """Proxy variables sending urllib through the guard; an S3 endpoint set in the env bypasses it."""
-    endpoints = (os.environ.get(k) for k in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"))
-    bypass = ",".join(urlsplit(e).netloc for e in endpoints if e)
-    # ftp too: urllib follows redirects to ftp://, which would otherwise connect directly.
-    proxies = {f"{scheme}_proxy": proxy_url for scheme in ("http", "https", "ftp")}
-    return {**proxies, **{k.upper(): v for k, v in proxies.items()}, "no_proxy": bypass, "NO_PROXY": bypass}
-
-
-MAX_IMAGE_PIXELS = 89_478_485 * 2  # PIL's decompression-bomb error threshold
-
-
-@contextlib.contextmanager
-def _img2dataset_env(extra: dict[str, str]) -> Iterator[dict[str, str]]:
-    """NO_ALBUMENTATIONS_UPDATE=1 (it calls out on import), a private TMPDIR, a pixel cap and `extra`, then restore.
-
-    OpenCV decodes up to 2^30 pixels by default: a 30000 x 30000 decompression bomb (a few
-    hundred kB on the wire) would take 2.7 GB per worker before img2dataset sees its size.
-    """
-    tmp = tempfile.mkdtemp(prefix="clip-crawl-")
-    updates = {"NO_ALBUMENTATIONS_UPDATE": "1", "TMPDIR": tmp,
-               "OPENCV_IO_MAX_IMAGE_PIXELS": os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS)), **extra}
-    saved = {k: os.environ.get(k) for k in updates}
-    os.environ.update(updates)
-    try:
-        yield dict(os.environ)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def run_img2dataset(env: dict[str, str], kwargs: dict) -> None:
-    """Call `img2dataset.download` with `env` set; in a child process when not on the main thread."""
-    with _img2dataset_env(env) as env:
-        if threading.current_thread() is not threading.main_thread():
-            subprocess.run([sys.executable, "-c", CHILD_CODE, json.dumps(kwargs)], env=env, check=True)
-            return
-        import img2dataset  # after the env: albumentations checks for updates on import
-
-        handler = signal.getsignal(signal.SIGINT)
-        try:
-            with _main_hidden_from_spawn():
-                img2dataset.download(**kwargs)
-        finally:
-            signal.signal(signal.SIGINT, handler)  # img2dataset leaves its own installed
-
-
-@contextlib.contextmanager
-def _main_hidden_from_spawn() -> Iterator[None]:
-    """Show spawned workers an empty __main__, so they do not re-run the caller's script.
-
-    multiprocessing's spawn re-imports the parent's main script in every child; without an
-    `if __name__ == "__main__":` guard each child would call crawl again and the pool would
-    respawn failing workers forever. img2dataset's workers need nothing from __main__.
-    """
-    main = sys.modules["__main__"]
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        sys.modules["__main__"] = main
 
 
 def read_outcomes(fs: fsspec.AbstractFileSystem, out: str, shards: Sequence[int]) -> dict[str, tuple]:
@@ -321,21 +330,27 @@ def crawl(
     resize_mode "center_crop" (shorter side to image_size, then a centred square) is what
     CLIP's own preprocessing does; "keep_ratio" keeps the whole picture for random crops.
     guard sends img2dataset's requests through `GuardProxy`, so redirects obey the policy too
-    (it replaces any proxy configured in the environment).
+    (it replaces any proxy configured in the environment). Bad input raises InputError
+    before anything is written.
     """
     start = time.perf_counter()
+    check_options(image_size, processes, threads, number_sample_per_shard, timeout, retries,
+                  encode_quality, resize_mode)
+    policy = UrlPolicy(parse_networks(allow_networks), resolver)
     fs, out = fsspec.core.url_to_fs(out_uri)
     out = out.rstrip("/")
-    policy = UrlPolicy(parse_networks(allow_networks), resolver)
+    old = read_crawl_manifest(fs, out)
     prepared = prepare_pairs(read_pairs(pairs_uri), policy)
-    stats = CrawlStats(input_rows=prepared.input_rows, skipped=dict(prepared.skipped),
-                       refused=dict(prepared.refused_counts), queued=prepared.safe.num_rows)
-    fs.makedirs(out, exist_ok=True)
-    write_parquet(fs, f"{out}/refused.parquet", prepared.refused)
+    check_fetchable(prepared, pairs_uri)
     manifest = {"number_sample_per_shard": number_sample_per_shard, "image_size": image_size,
                 "resize_mode": resize_mode, "encode_quality": encode_quality,
                 "rows": prepared.safe.num_rows, "pairs_uri": pairs_uri}
-    staging = stage_input(fs, out, prepared.safe, manifest)
+    check_rerun(fs, out, old, manifest, prepared.safe)
+    # Every check passed: only now does the crawl write, and only its own files.
+    staging = stage_input(fs, out, old, manifest, prepared)
+    folder = CrawlFolder(fs, out, manifest)
+    stats = CrawlStats(input_rows=prepared.input_rows, skipped=dict(prepared.skipped),
+                       refused=dict(prepared.refused_counts), queued=prepared.safe.num_rows)
     options = dict(
         output_folder=_uri(fs, out), image_size=image_size, processes_count=processes,
         thread_count=threads, resize_mode=resize_mode, encode_quality=encode_quality,
@@ -343,15 +358,14 @@ def crawl(
         number_sample_per_shard=number_sample_per_shard, save_additional_columns=prepared.extra_columns or None,
         timeout=timeout, retries=retries, disallowed_header_directives=list(disallowed_header_directives),
         user_agent_token=user_agent_token, enable_wandb=False)
-    run = functools.partial(_call, fs, out, policy if guard else None)
-    before = list_shards(fs, out)
-    _sweep_incomplete(fs, before)
+    run = functools.partial(_call, folder, policy if guard else None)
+    before = folder.sweep()
     main_shards = math.ceil(prepared.safe.num_rows / number_sample_per_shard)
     if set(range(main_shards)) - before.stats:
-        run(before, dict(options, url_list=_uri(fs, staging), incremental_mode="incremental"))
+        run(dict(options, url_list=_uri(fs, staging), incremental_mode="incremental"))
     if retry_failed:
-        stats.retried_this_run = _retry_round(fs, out, prepared, main_shards, options, run)
-    _finish(fs, out, stats, before.stats, start)
+        stats.retried_this_run = _retry_round(folder, prepared, main_shards, options, run)
+    _finish(folder, stats, before.stats, start)
     return stats
 
 
@@ -360,24 +374,38 @@ def _uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
-def _call(fs, out: str, policy: UrlPolicy | None, listing: ShardListing, kwargs: dict) -> None:
-    """Clean OUT for img2dataset (leftovers, our stats file) and run it, behind the guard if given."""
-    _sweep_incomplete(fs, listing)
-    # img2dataset reads every OUT/*.json as "SHARD_stats.json"; ours is rewritten at the end.
-    if "crawl_stats.json" in listing.other_json:
-        fs.rm(f"{out}/crawl_stats.json")
-        listing.other_json.remove("crawl_stats.json")
-    if listing.other_json:
-        raise ValueError(f"{out} holds JSON files img2dataset would take for shard stats: {listing.other_json}")
-    if policy is None:
-        return run_img2dataset({}, kwargs)
-    with GuardProxy(policy, timeout=kwargs["timeout"]) as proxy:
-        run_img2dataset(guard_env(proxy.url), kwargs)
+def _call(folder: CrawlFolder, policy: UrlPolicy | None, kwargs: dict) -> None:
+    """Sweep this crawl's unfinished shards and run img2dataset, behind the guard if given."""
+    folder.sweep()
+    with _stats_aside(folder.fs, folder.out):
+        if policy is None:
+            return run_img2dataset({}, kwargs)
+        with GuardProxy(policy, timeout=kwargs["timeout"]) as proxy:
+            run_img2dataset(guard_env(proxy.url), kwargs)
 
 
-def _retry_round(fs, out: str, prepared: PreparedPairs, main_shards: int, options: dict, run) -> int:
+@contextlib.contextmanager
+def _stats_aside(fs: fsspec.AbstractFileSystem, out: str) -> Iterator[None]:
+    """Keep crawl_stats.json under `_input/` while img2dataset runs; put it back if the run fails.
+
+    img2dataset reads every OUT/*.json as a shard's stats; a run that fails leaves the
+    previous result's stats in place, a finished one writes new ones.
+    """
+    path, aside = f"{out}/crawl_stats.json", f"{out}/{STATS_ASIDE}"
+    if fs.exists(path):
+        fs.mv(path, aside)
+    try:
+        yield
+    except BaseException:
+        if fs.exists(aside) and not fs.exists(path):
+            fs.mv(aside, path)
+        raise
+
+
+def _retry_round(folder: CrawlFolder, prepared: PreparedPairs, main_shards: int, options: dict, run) -> int:
     """Fetch again the samples whose last attempt failed, into shards after the last one."""
-    listing = list_shards(fs, out)
+    fs, out = folder.fs, folder.out
+    listing = folder.shards()
     missing = set(range(main_shards)) - listing.stats
     if missing:
         raise RuntimeError(f"retry_failed needs every shard complete; missing {sorted(missing)}: run again")
@@ -386,19 +414,30 @@ def _retry_round(fs, out: str, prepared: PreparedPairs, main_shards: int, option
         return 0
     urls = prepared.safe.column("url").to_pylist()
     table = prepared.safe.take([i for i, url in enumerate(urls) if url in failed])
-    # img2dataset's "extend" numbers new shards after the highest one with stats, so keys stay unique.
+    # img2dataset's "extend" numbers new shards after the highest one with stats, so keys stay unique;
+    # the file's name and rows are the record of which shards this round owns.
     first = max(listing.stats, default=-1) + 1
+    _check_free(fs, out, range(first, first + math.ceil(table.num_rows / folder.manifest["number_sample_per_shard"])))
     path = f"{out}/_input/retry_{first:05d}.parquet"
     write_parquet(fs, path, table)
-    run(listing, dict(options, url_list=_uri(fs, path), incremental_mode="extend"))
+    run(dict(options, url_list=_uri(fs, path), incremental_mode="extend"))
     return table.num_rows
 
 
-def _finish(fs, out: str, stats: CrawlStats, done_before: set[int], start: float) -> None:
+def _check_free(fs: fsspec.AbstractFileSystem, out: str, shards: range) -> None:
+    """InputError when OUT holds files, not this crawl's, where the next shards would be written."""
+    taken = sorted(n for n in (_name(p) for p in fs.ls(out, detail=False)) if (shard_file(n) or (-1,))[0] in shards)
+    check(not taken, out, f"holds {taken}, which this crawl did not write, where its retry shards go",
+          "move them out of OUT")
+
+
+def _finish(folder: CrawlFolder, stats: CrawlStats, done_before: set[int], start: float) -> None:
     """Reduce the shards' outcomes into `stats` and write OUT/crawl_stats.json."""
-    listing = list_shards(fs, out)
+    fs, out = folder.fs, folder.out
+    listing = folder.shards()
     complete = sorted(listing.stats)
     aggregate(stats, read_outcomes(fs, out, complete))
+    stats.not_attempted = stats.queued - stats.attempted
     stats.shards = len(complete)
     stats.incomplete_shards = len(listing.incomplete())
     stats.bytes_written = sum(listing.tar_bytes.get(s, 0) for s in complete)
@@ -407,6 +446,8 @@ def _finish(fs, out: str, stats: CrawlStats, done_before: set[int], start: float
     stats.wall_seconds = time.perf_counter() - start
     stats.images_per_second = stats.fetched_this_run / stats.wall_seconds if stats.wall_seconds else 0.0
     write_json(fs, f"{out}/crawl_stats.json", stats.to_dict())
+    if fs.exists(f"{out}/{STATS_ASIDE}"):
+        fs.rm(f"{out}/{STATS_ASIDE}")
 
 
 def add_crawl_arguments(parser: argparse.ArgumentParser) -> None:
@@ -415,7 +456,7 @@ def add_crawl_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="output folder for the shards (local path or s3://...)")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--resize-mode", default="center_crop",
-                        choices=["center_crop", "keep_ratio", "keep_ratio_largest", "border", "no"],
+                        choices=RESIZE_MODES,
                         help="center_crop is CLIP's preprocessing; keep_ratio keeps the whole image")
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--threads", type=int, default=16)
@@ -434,7 +475,7 @@ def add_crawl_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_crawl_command(args: argparse.Namespace) -> int:
-    """Run `crawl` from parsed arguments; print the summary. 0 ok, 1 incomplete shards, 2 bad input."""
+    """Run `crawl` from parsed arguments; print the summary. 0 ok, 1 incomplete run, 2 bad input."""
     try:
         stats = crawl(
             args.pairs, args.out, image_size=args.image_size, processes=args.processes,
@@ -442,11 +483,11 @@ def run_crawl_command(args: argparse.Namespace) -> int:
             number_sample_per_shard=args.number_sample_per_shard, allow_networks=args.allow_network,
             timeout=args.timeout, retries=args.retries, retry_failed=args.retry_failed,
             encode_quality=args.encode_quality, user_agent_token=args.user_agent_token, guard=args.guard)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"crawl: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        print(f"crawl: {err}", file=sys.stderr)
-        return 1
+    except BAD_INPUT_ERRORS as err:
+        print(f"clip-pipeline crawl: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (RuntimeError, subprocess.SubprocessError, OSError) as err:
+        print(f"clip-pipeline crawl: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
     print(stats.summary())
-    return 1 if stats.incomplete_shards else 0
+    return EXIT_FAILED if stats.incomplete_shards else EXIT_OK

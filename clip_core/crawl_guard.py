@@ -7,13 +7,29 @@ rebinding). img2dataset offers no hook into its workers, but urllib honours `htt
 `https_proxy` and `ftp_proxy`: the crawl points them at this proxy on 127.0.0.1, which
 checks each request (every redirect hop is a new one; https arrives as CONNECT), connects
 to the address it vetted, and answers a refusal with `403 Refused by crawl policy (REASON)`.
+
+The rest of img2dataset's confinement is here too. It starts its workers with the spawn
+method, which re-runs the caller's script in each worker; the call hides `__main__` from
+them, so a script needs no `if __name__ == "__main__":` guard. From a thread other than the
+main one (a Prefect task) img2dataset runs in a child process, because it installs a SIGINT
+handler. While it runs, the call sets NO_ALBUMENTATIONS_UPDATE, a private TMPDIR, a pixel
+cap and the guard's proxy variables in os.environ: one crawl per process at a time.
 """
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import shutil
+import signal
 import socket
 import socketserver
+import subprocess
+import sys
+import tempfile
 import threading
+import types
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 from clip_core.crawl_safety import UrlPolicy
@@ -21,6 +37,7 @@ from clip_core.crawl_safety import UrlPolicy
 REFUSED = "Refused by crawl policy"
 MAX_HEAD = 64 * 1024
 HOP_HEADERS = (b"proxy-connection:", b"proxy-authorization:")
+CHILD_CODE = "import json, sys, img2dataset; img2dataset.download(**json.loads(sys.argv[1]))"
 
 
 def _read_head(sock: socket.socket) -> tuple[bytes, bytes] | None:
@@ -123,3 +140,70 @@ class GuardProxy:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def guard_env(proxy_url: str) -> dict[str, str]:
+    """Proxy variables sending urllib through the guard; an S3 endpoint set in the env bypasses it."""
+    endpoints = (os.environ.get(k) for k in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"))
+    bypass = ",".join(urlsplit(e).netloc for e in endpoints if e)
+    # ftp too: urllib follows redirects to ftp://, which would otherwise connect directly.
+    proxies = {f"{scheme}_proxy": proxy_url for scheme in ("http", "https", "ftp")}
+    return {**proxies, **{k.upper(): v for k, v in proxies.items()}, "no_proxy": bypass, "NO_PROXY": bypass}
+
+
+MAX_IMAGE_PIXELS = 89_478_485 * 2  # PIL's decompression-bomb error threshold
+
+
+@contextlib.contextmanager
+def _img2dataset_env(extra: dict[str, str]) -> Iterator[dict[str, str]]:
+    """NO_ALBUMENTATIONS_UPDATE=1 (it calls out on import), a private TMPDIR, a pixel cap and `extra`, then restore.
+
+    OpenCV decodes up to 2^30 pixels by default: a 30000 x 30000 decompression bomb (a few
+    hundred kB on the wire) would take 2.7 GB per worker before img2dataset sees its size.
+    """
+    tmp = tempfile.mkdtemp(prefix="clip-crawl-")
+    updates = {"NO_ALBUMENTATIONS_UPDATE": "1", "TMPDIR": tmp,
+               "OPENCV_IO_MAX_IMAGE_PIXELS": os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS)), **extra}
+    saved = {k: os.environ.get(k) for k in updates}
+    os.environ.update(updates)
+    try:
+        yield dict(os.environ)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_img2dataset(env: dict[str, str], kwargs: dict) -> None:
+    """Call `img2dataset.download` with `env` set; in a child process when not on the main thread."""
+    with _img2dataset_env(env) as env:
+        if threading.current_thread() is not threading.main_thread():
+            subprocess.run([sys.executable, "-c", CHILD_CODE, json.dumps(kwargs)], env=env, check=True)
+            return
+        import img2dataset  # after the env: albumentations checks for updates on import
+
+        handler = signal.getsignal(signal.SIGINT)
+        try:
+            with _main_hidden_from_spawn():
+                img2dataset.download(**kwargs)
+        finally:
+            signal.signal(signal.SIGINT, handler)  # img2dataset leaves its own installed
+
+
+@contextlib.contextmanager
+def _main_hidden_from_spawn() -> Iterator[None]:
+    """Show spawned workers an empty __main__, so they do not re-run the caller's script.
+
+    multiprocessing's spawn re-imports the parent's main script in every child; without an
+    `if __name__ == "__main__":` guard each child would call crawl again and the pool would
+    respawn failing workers forever. img2dataset's workers need nothing from __main__.
+    """
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main

@@ -7,21 +7,28 @@ and unspecified addresses are refused unless an operator allows a network explic
 (`127.0.0.1/32` for the synthetic web). The decision is pure: the resolver is passed in,
 so tests can map made-up hosts to any address without a DNS lookup.
 
-The input is checked first: a missing url/caption column or an empty file is an error;
-null, blank or non-UTF-8 cells and repeated URLs (the first is kept) are counted skips.
+The options and the input are checked first: an option out of range, a missing file, a
+url/caption column that is missing or not text, or an empty file is an error; null, blank
+or non-UTF-8 cells and repeated URLs (the first is kept) are counted skips. URLs are percent-encoded as HTTP needs them (spaces,
+non-ASCII paths, IDNA host names; existing %XX escapes kept) before they are checked, so
+the URL fetched is the URL checked. When nothing is left to fetch, the error says how many
+URLs were refused and skipped, why, and the fix.
 """
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from clip_core.errors import InputError, check
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -29,6 +36,32 @@ Resolver = Callable[..., Sequence[tuple]]
 
 ALLOWED_SCHEMES = ("http", "https")
 NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
+# Refusals an allowlist entry lifts (not scheme, syntax or DNS ones).
+NETWORK_REASONS = ("loopback", "private", "link_local", "non_global", "unspecified", "reserved", "multicast")
+# RFC 3986 pchar beyond quote()'s unreserved set; query and fragment also carry "?".
+PATH_SAFE = "/:@!$&'()*+,;="
+QUERY_SAFE = PATH_SAFE + "?"
+USERINFO_SAFE = ":!$&'()*+,;="
+STRAY_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+CONTROL = re.compile(r"[\x00-\x20\x7f]")
+RESIZE_MODES = ("center_crop", "keep_ratio", "keep_ratio_largest", "border", "no")  # img2dataset's
+MAX_IMAGE_SIZE = 16_384
+
+
+def check_options(image_size, processes, threads, number_sample_per_shard, timeout, retries,
+                  encode_quality, resize_mode) -> None:
+    """InputError for an option out of range (named as its command-line flag)."""
+    for flag, value, low, high in (
+        ("--image-size", image_size, 1, MAX_IMAGE_SIZE), ("--processes", processes, 1, None),
+        ("--threads", threads, 1, None), ("--number-sample-per-shard", number_sample_per_shard, 1, None),
+        ("--retries", retries, 0, None), ("--encode-quality", encode_quality, 0, 100),  # JPEG quality
+    ):
+        check(isinstance(value, int) and not isinstance(value, bool), flag, f"must be an integer, got {value!r}")
+        bounds = f"at least {low}" if high is None else f"from {low} to {high}"
+        check(low <= value and (high is None or value <= high), flag, f"must be {bounds}, got {value}")
+    check(isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0, "--timeout",
+          f"must be a positive number of seconds, got {timeout!r}")
+    check(resize_mode in RESIZE_MODES, "--resize-mode", f"must be one of {list(RESIZE_MODES)}, got {resize_mode!r}")
 
 
 def parse_networks(cidrs: Iterable[str]) -> tuple[IPNetwork, ...]:
@@ -38,7 +71,8 @@ def parse_networks(cidrs: Iterable[str]) -> tuple[IPNetwork, ...]:
         try:
             networks.append(ipaddress.ip_network(str(cidr).strip(), strict=False))
         except ValueError as err:
-            raise ValueError(f"allow_networks: {cidr!r} is not a CIDR network ({err})") from None
+            raise InputError("--allow-network", f"{cidr!r} is not a CIDR network ({err})",
+                             "write a network such as 127.0.0.1/32 or fd00::/8") from None
     return tuple(networks)
 
 
@@ -102,6 +136,48 @@ def split_url(url: str) -> tuple[str | None, str | None]:
     if not parts.hostname:
         return None, "no_host"
     return parts.hostname, None
+
+
+def _quote(text: str, safe: str) -> str:
+    """Percent-encode what HTTP cannot carry (space, non-ASCII, a stray %); %XX escapes stay."""
+    return quote(STRAY_PERCENT.sub("%25", text), safe=safe + "%")
+
+
+def _ascii_netloc(netloc: str) -> str | None:
+    """The netloc with its host in IDNA (bücher.example -> xn--bcher-kva.example); None if impossible."""
+    if netloc.isascii():
+        return netloc
+    userinfo, at, hostport = netloc.rpartition("@")
+    host, colon, port = hostport.rpartition(":")
+    if not colon or not port.isdigit():
+        host, colon, port = hostport, "", ""
+    if host.startswith("["):  # an IPv6 literal is ASCII or invalid
+        return None
+    try:
+        host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+    return (_quote(userinfo, USERINFO_SAFE) + at if at else "") + host + colon + port
+
+
+def normalise_url(url: str) -> str | None:
+    """`url` as an HTTP client can send it (spaces, non-ASCII, IDNA host); None when the host cannot be encoded.
+
+    urllib sends a path with a space or a non-ASCII character as it is, and fails before the
+    request ("URL can't contain control characters", a UnicodeEncodeError) on every try.
+    Browsers encode such URLs; so does this, idempotently: a well-formed URL comes back unchanged.
+    """
+    url = CONTROL.sub(lambda m: f"%{ord(m.group()):02X}", url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url  # split_url refuses it with its reason
+    netloc = _ascii_netloc(parts.netloc)
+    if netloc is None:
+        return None
+    normal = parts._replace(netloc=netloc, path=_quote(parts.path, PATH_SAFE),
+                            query=_quote(parts.query, QUERY_SAFE), fragment=_quote(parts.fragment, QUERY_SAFE))
+    return url if normal == parts else urlunsplit(normal)
 
 
 def check_url(
@@ -170,46 +246,58 @@ class PreparedPairs:
         return self.safe.column_names[2:]
 
 
+PAIRS_FIX = "give the pairs Parquet that curate writes: string columns url and caption, one row a pair"
+
+
 def _parquet_files(uri: str) -> list[str]:
     """The file itself, or a folder's `*.parquet` files in name order (curate's part-NNNNN shards)."""
     fs, path = fsspec.core.url_to_fs(uri)
+    check(fs.exists(path), uri, "does not exist", PAIRS_FIX)
     if not fs.isdir(path):
         return [uri]
     files = sorted(p for p in fs.glob(f"{path.rstrip('/')}/*.parquet") if not p.rsplit("/", 1)[-1].startswith(("_", ".")))
-    if not files:
-        raise ValueError(f"{uri} is a folder without Parquet files")
+    check(bool(files), uri, "is a folder without Parquet files", PAIRS_FIX)
     return [fs.unstrip_protocol(p) for p in files]
 
 
+def _is_text(dtype: pa.DataType) -> bool:
+    """A string or binary type (dictionary-encoded too): what a url or caption cell may be."""
+    if pa.types.is_dictionary(dtype):
+        dtype = dtype.value_type
+    return any(is_type(dtype) for is_type in (pa.types.is_string, pa.types.is_large_string,
+                                              pa.types.is_binary, pa.types.is_large_binary))
+
+
 def read_pairs(uri: str) -> pa.Table:
-    """Read pairs Parquet (a file or a folder of shards); clear errors for non-Parquet, empty, missing columns."""
+    """Read pairs Parquet (a file or a folder of shards); InputError for non-Parquet, empty, missing or non-text columns."""
     tables = []
     for file in _parquet_files(uri):
         with fsspec.open(file, "rb") as f:
             try:
                 tables.append(pq.read_table(f))
-            except pa.ArrowInvalid as err:
-                raise ValueError(f"{file} is not a readable Parquet file: {err}") from None
-    table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+            except pa.ArrowException as err:
+                raise InputError(file, f"is not a readable Parquet file ({err})", PAIRS_FIX) from None
+    try:
+        table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+    except pa.ArrowException as err:
+        raise InputError(uri, f"its part files have clashing schemas ({err})", PAIRS_FIX) from None
     for name in ("url", "caption"):
-        if name not in table.column_names:
-            raise ValueError(f"{uri} has no {name!r} column; columns present: {table.column_names}")
+        check(name in table.column_names, uri, f"has no {name!r} column; columns present: {table.column_names}",
+              PAIRS_FIX)
+        check(_is_text(table.schema.field(name).type), uri,
+              f"column {name!r} must hold text, found {table.schema.field(name).type}", PAIRS_FIX)
     reserved = [c for c in table.column_names if c in RESERVED_COLUMNS]
-    if reserved:
-        raise ValueError(f"{uri}: columns {reserved} are reserved by img2dataset; rename them")
-    if table.num_rows == 0:
-        raise ValueError(f"{uri} has no rows")
+    check(not reserved, uri, f"columns {reserved} are reserved by img2dataset", "rename them")
+    check(table.num_rows > 0, uri, "has no rows", PAIRS_FIX)
     return table
 
 
 def _as_bytes(table: pa.Table, name: str) -> list[bytes | None]:
     """A text column as raw bytes, so invalid UTF-8 is counted instead of raising."""
     column = table.column(name)
+    check(_is_text(column.type), name, f"column {name!r} must hold text, found {column.type}", PAIRS_FIX)
     if pa.types.is_dictionary(column.type):
         column = column.cast(column.type.value_type)
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
-            or pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
-        raise ValueError(f"column {name!r} must hold text, found {column.type}")
     return column.cast(pa.large_binary()).to_pylist()
 
 
@@ -225,7 +313,7 @@ def _decode(raw: bytes | None, name: str) -> tuple[str | None, str | None]:
 
 
 def prepare_pairs(table: pa.Table, policy: UrlPolicy) -> PreparedPairs:
-    """Skip bad rows and duplicate URLs (first kept), refuse unsafe URLs; nothing is fetched."""
+    """Skip bad rows and duplicate URLs (first kept), encode and refuse unsafe URLs; nothing is fetched."""
     skipped, refused_counts, seen = Counter(), Counter(), set()
     keep, urls, captions, refused = [], [], [], {"url": [], "reason": []}
     for i, (raw_url, raw_caption) in enumerate(zip(_as_bytes(table, "url"), _as_bytes(table, "caption"))):
@@ -234,22 +322,51 @@ def prepare_pairs(table: pa.Table, policy: UrlPolicy) -> PreparedPairs:
         reason = reason or caption_reason
         if reason is None:
             url = url.strip()
-            reason = "duplicate_url" if url in seen else None
-            seen.add(url)
+            fetchable = normalise_url(url)
+            reason = "duplicate_url" if (fetchable or url) in seen else None
+            seen.add(fetchable or url)
         if reason is not None:
             skipped[reason] += 1
             continue
-        refusal = policy.check(url)
+        refusal = "invalid_url" if fetchable is None else policy.check(fetchable)
         if refusal is not None:
             refused_counts[refusal] += 1
-            refused["url"].append(url)
+            refused["url"].append(url)  # as the input wrote it
             refused["reason"].append(refusal)
             continue
         keep.append(i)
-        urls.append(url)
+        urls.append(fetchable)
         captions.append(caption)
     extras = [c for c in table.column_names if c not in ("url", "caption")]
+    rows = pa.array(keep, pa.int64())  # typed: an empty list would be null-typed, which take() rejects
     safe = pa.table({"url": pa.array(urls, pa.string()), "caption": pa.array(captions, pa.string()),
-                     **{c: table.column(c).take(keep) for c in extras}})
+                     **{c: table.column(c).take(rows) for c in extras}})
     refused_table = pa.table({k: pa.array(v, pa.string()) for k, v in refused.items()})
     return PreparedPairs(safe, refused_table, skipped, refused_counts, table.num_rows)
+
+
+def _by_reason(counts: Counter) -> str:
+    """`loopback 3, scheme 1`: counts by reason, the largest first."""
+    return ", ".join(f"{reason} {n}" for reason, n in counts.most_common())
+
+
+def _nothing_fetchable_fix(refused: Counter) -> str:
+    """The likeliest fix for a list of which no URL may be fetched."""
+    if "loopback" in refused:
+        return ("URLs on this machine need their network allowed: --allow-network 127.0.0.1/32 "
+                "for the synthetic web on 127.0.0.1; allow_networks=[...] in Python")
+    if any(reason in refused for reason in NETWORK_REASONS):
+        return "to crawl a private network on purpose, allow it: --allow-network CIDR"
+    if "unresolvable" in refused:
+        return "check that the URLs' host names resolve from this machine"
+    return "give pairs with http(s) URLs and non-empty captions"
+
+
+def check_fetchable(prepared: PreparedPairs, uri: str) -> None:
+    """InputError when no row is left to fetch: how many were refused and skipped, why, and the fix."""
+    if prepared.safe.num_rows:
+        return
+    n, refused, skipped = prepared.input_rows, prepared.refused_counts, prepared.skipped
+    parts = [f"{sum(refused.values())} of {n} URLs refused ({_by_reason(refused)})"] if refused else []
+    parts += [f"{sum(skipped.values())} of {n} rows skipped ({_by_reason(skipped)})"] if skipped else []
+    raise InputError(uri, "nothing to fetch: " + "; ".join(parts), _nothing_fetchable_fix(refused))

@@ -28,6 +28,7 @@ from clip_core.crawl import (
     CrawlStats, add_crawl_arguments, crawl, is_permanent, run_crawl_command,
 )
 from clip_core.crawl_safety import UrlPolicy, parse_networks, prepare_pairs, read_pairs
+from clip_core.errors import InputError
 
 LOOPBACK = ("127.0.0.1/32",)
 
@@ -214,12 +215,11 @@ def test_dictionary_and_large_string_columns():
     assert prepared.safe.to_pydict() == {"url": ["http://127.0.0.1/a", "http://127.0.0.1/b"], "caption": ["x", "y"]}
 
 
-def test_nothing_safe_fetches_nothing(tmp_path, outside):
+def test_nothing_safe_fetches_nothing_and_says_why(tmp_path, outside):
     pairs = write_pairs(tmp_path / "p.parquet", [outside.url("/img/1.jpg"), "gopher://127.0.0.1/x"], ["a", "b"])
-    stats = crawl(pairs, str(tmp_path / "out"), allow_networks=LOOPBACK)
-    assert (stats.queued, stats.attempted, stats.shards) == (0, 0, 0)
-    assert stats.refused == {"loopback": 1, "scheme": 1} and sum(outside.hits.values()) == 0
-    assert json.loads((tmp_path / "out" / "crawl_stats.json").read_text())["refused"] == stats.refused
+    with pytest.raises(InputError, match=r"nothing to fetch: 2 of 2 URLs refused \(loopback 1, scheme 1\)"):
+        crawl(pairs, str(tmp_path / "out"), allow_networks=LOOPBACK)
+    assert sum(outside.hits.values()) == 0 and not (tmp_path / "out").exists()
 
 
 def test_permanent_errors():
@@ -291,11 +291,14 @@ def test_crawl_end_to_end_stats_and_rerun(tmp_path, web, outside):
     per_run = ("wall_seconds", "images_per_second", "fetched_this_run")
     assert {k: v for k, v in again.to_dict().items() if k not in per_run} \
         == {k: v for k, v in stats.to_dict().items() if k not in per_run}
+    written = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(ValueError, match="crawled with other"):
         crawl(pairs, str(out), image_size=64, number_sample_per_shard=5, allow_networks=LOOPBACK)
     with pytest.raises(ValueError, match="differ from those staged"):
         crawl(pairs, str(out), image_size=32, number_sample_per_shard=5, allow_networks=LOOPBACK + ("127.0.0.2/32",))
     assert web.hits == hits and sum(outside.hits.values()) == 0
+    # A refused rerun writes nothing: refused.parquet (which it would have changed) included.
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == written
 
 
 @pytest.mark.slow
