@@ -11,9 +11,10 @@ import importlib
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
-from clip_core.errors import BAD_INPUT_ERRORS, EXIT_BAD_INPUT
+from clip_core.errors import BAD_INPUT_ERRORS, EXIT_BAD_INPUT, EXIT_FAILED
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -195,7 +196,13 @@ def console_main() -> None:
     ("terminate called without an active exception", exit 134 instead of 2). Once the
     message is printed nothing is left to do, so a failed command leaves with os._exit.
     """
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        code = 130
+    except Exception:  # a defect, not bad input: show where, still without the abort
+        traceback.print_exc()
+        code = EXIT_FAILED
     if code:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -13,7 +13,8 @@ import os
 from prefect import flow, get_run_logger, task
 from pydantic import BaseModel, Field
 
-from flows.common import exists, free_port, join, markdown_artifact, read_json, table_artifact
+from flows.common import (exists, free_port, join, markdown_artifact, read_json, retry_unless_bad_input,
+                          table_artifact)
 from flows.pipeline_runs import log_stage, start_parent, tracking_uri
 from flows.tracking import Tracker
 
@@ -59,7 +60,7 @@ def synthetic_web(cfg: CorpusConfig) -> str:
     return root
 
 
-@task(retries=2, retry_delay_seconds=5)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_bad_input)
 def extract_pairs(wat: list[str], out: str) -> str:
     from clip_core.extract import extract
 
@@ -87,15 +88,18 @@ def curate_pairs(cfg: CorpusConfig, pairs: list[str], queries: str, out: str) ->
     return out
 
 
-@task(retries=2, retry_delay_seconds=5)
+@task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_bad_input)
 def crawl_pairs(cfg: CorpusConfig, curated: str, out: str, web: str | None) -> str:
     from clip_core.crawl import crawl
 
-    if exists(join(out, "crawl_stats.json")):
+    marker = join(out, "crawl_stats.json")
+    if exists(marker) and not read_json(marker).get("incomplete_shards"):
         return out
-    with serving(web):
-        crawl(curated, out, image_size=cfg.image_size, processes=cfg.processes, threads=cfg.threads,
-              allow_networks=cfg.allow_networks, timeout=cfg.timeout)
+    with serving(web):  # a retry resumes: finished shards are kept, unfinished ones fetched again
+        stats = crawl(curated, out, image_size=cfg.image_size, processes=cfg.processes, threads=cfg.threads,
+                      allow_networks=cfg.allow_networks, timeout=cfg.timeout)
+    if stats.incomplete_shards:
+        raise RuntimeError(f"crawl left {stats.incomplete_shards} incomplete shard(s) in {out}")
     return out
 
 

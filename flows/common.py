@@ -13,6 +13,8 @@ import socket
 
 import fsspec
 
+from clip_core.errors import BAD_INPUT_ERRORS
+
 
 def join(uri: str, *parts: str) -> str:
     """posixpath.join for URIs (local paths and s3://)."""
@@ -29,6 +31,11 @@ def read_json(uri: str) -> dict:
     """A JSON file at the fsspec URI."""
     with fsspec.open(uri, "r") as f:
         return json.load(f)
+
+
+def retry_unless_bad_input(task, task_run, state) -> bool:
+    """Prefect retry condition: retry I/O failures, never bad input (a retry cannot fix it)."""
+    return not isinstance(state.data, BAD_INPUT_ERRORS)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -49,3 +49,35 @@ def test_corpus_metrics_have_fixed_names(tmp_path):
     metrics = corpus_metrics(uris)
     assert metrics["curate"] == {"candidates": 10, "matched": 8, "kept": 6, "t": 500, "queries_matched": 3}
     assert metrics["crawl"]["refused"] == 1 and metrics["crawl"]["success"] == 5
+
+
+def test_a_crawl_that_left_incomplete_shards_is_resumed(finished):
+    import json
+
+    (finished / "shards" / "crawl_stats.json").write_text(json.dumps({"incomplete_shards": 2}))
+    with pytest.raises(AssertionError, match="ran again"):
+        crawl_pairs.fn(CorpusConfig(storage=str(finished)), str(finished / "curated"), str(finished / "shards"), None)
+
+
+@pytest.mark.slow  # a temporary Prefect server
+def test_bad_input_is_not_retried_io_errors_are(tmp_path):
+    from prefect import flow, task
+
+    from clip_core.errors import InputError
+    from flows.common import retry_unless_bad_input
+
+    calls = []
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=retry_unless_bad_input)
+    def stage(error: Exception) -> None:
+        calls.append(type(error).__name__)
+        raise error
+
+    @flow
+    def run(error: Exception) -> None:
+        stage(error)
+
+    for error in (InputError("pairs.parquet", "no 'caption' column"), ConnectionError("S3 went away")):
+        with pytest.raises(type(error)):
+            run(error)
+    assert calls == ["InputError", "ConnectionError", "ConnectionError", "ConnectionError"]
