@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+
+from clip_core.errors import InputError, check
 
 TRAIN_WORD = "train-detector"
 
@@ -64,7 +67,8 @@ def add_dedup_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _set_threads(n: int | None) -> None:
-    if n:
+    if n is not None:
+        check(n >= 1, "--threads", f"must be >= 1, got {n}", "pass --threads 1 or more, or leave it out")
         import torch
         torch.set_num_threads(n)
 
@@ -73,29 +77,44 @@ def _thresholds(items: list[str]) -> dict | None:
     out = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--threshold expects NAME=VALUE, got {item!r}")
-        out[name] = float(value)
+        check(bool(sep and name), "--threshold", f"expects NAME=VALUE, got {item!r}", "e.g. --threshold phash=0.9")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise InputError("--threshold", f"{item!r}: {value!r} is not a number",
+                             "e.g. --threshold phash=0.9") from None
     return out or None
+
+
+def _batch_size(value: int | None, default: int) -> int:
+    """The default only when the option is absent: --batch-size 0 is an error, not the default."""
+    return default if value is None else value
+
+
+def _warn_damaged(stats: dict) -> None:
+    """One stderr line per truncated or corrupt shard: its samples are lost, and counted."""
+    for d in stats.get("damaged_shards", []):
+        lost = d["samples_lost"] if d["samples_lost"] is not None else "an unknown number of"
+        print(f"clip-pipeline dedup: warning: shard {d['shard']} is {d['reason']}: read {d['samples_read']} "
+              f"samples, {lost} lost ({d['error']})", file=sys.stderr)
 
 
 def run_dedup_command(args: argparse.Namespace) -> int:
     """Run `dedup` (or `dedup train-detector`) from parsed arguments."""
     _set_threads(args.threads)
     if args.corpus == TRAIN_WORD:
-        if args.eval_dirs:
-            raise SystemExit(f"{TRAIN_WORD} takes no --eval")
+        check(not args.eval_dirs, "--eval", f"{TRAIN_WORD} takes no --eval", "drop --eval, or name a corpus")
         return run_train_detector_command(args)
-    if not args.eval_dirs:
-        raise SystemExit("dedup needs at least one --eval EVALDIR")
+    check(bool(args.eval_dirs), "--eval", "dedup needs at least one eval set folder", "pass --eval EVALDIR")
     from dedup.near_dup import dedup
     stats = dedup(args.corpus, args.out, args.eval_dirs, descriptor=args.descriptor, precision=args.precision,
                   detector_path=args.detector, splits=tuple(args.splits or ("test",)),
                   thresholds=_thresholds(args.threshold), calibration_samples=args.calibration_samples,
-                  batch_size=args.batch_size or 128, k=args.k, device=args.device, seed=args.seed,
+                  batch_size=_batch_size(args.batch_size, 128), k=args.k, device=args.device, seed=args.seed,
                   sheet_size=args.sheet_size)
+    _warn_damaged(stats)
     summary = {"corpus_images": stats["corpus_images"], "unreadable": stats["unreadable"],
-               "removed": stats["removed"], "kept": stats["kept"],
+               "dropped": stats["dropped"], "removed": stats["removed"], "kept": stats["kept"],
                "eval_sets": {name: {k: s[k] for k in ("matches", "overlap", "thresholds")}
                              for name, s in stats["eval_sets"].items()}}
     print(json.dumps(summary, indent=2))
@@ -116,15 +135,20 @@ def _training_images(uri: str, limit: int) -> list[bytes]:
             out.append(fs.cat_file(path))
         if len(out) >= limit:
             break
-    if len(out) < 2:
-        raise SystemExit(f"--images {uri}: found {len(out)} images; need at least 2")
+    check(len(out) >= 2, f"--images {uri}", f"found {len(out)} images; need at least 2",
+          "pass a folder of image files or WebDataset shards")
     return out[:limit]
 
 
 def run_train_detector_command(args: argparse.Namespace) -> int:
     """Train a copy detector from parsed arguments and write it to OUT."""
     from dedup.augment import image_source, sample_photos
+    from dedup.checks import check_train_detector_options
     from dedup.copy_detector import DetectorConfig, train_copy_detector
+    batch_size = _batch_size(args.batch_size, 96)
+    check_train_detector_options(args.out, steps=args.steps, batch_size=batch_size, lr=args.lr,
+                                 image_size=args.image_size, max_images=args.max_images, workers=args.workers,
+                                 device=args.device, images=args.images, init=args.init)
     _set_threads(args.threads)
     source = _training_images(args.images, args.max_images) if args.images else image_source(sample_photos())
     every = max(1, args.steps // 20)
@@ -133,7 +157,7 @@ def run_train_detector_command(args: argparse.Namespace) -> int:
         if step % every == 0 or step == args.steps - 1:
             print(f"step {step:5d}  loss {loss:.4f}", flush=True)
 
-    train_copy_detector(source, args.out, args.steps, batch_size=args.batch_size or 96, lr=args.lr,
+    train_copy_detector(source, args.out, args.steps, batch_size=batch_size, lr=args.lr,
                         config=DetectorConfig(image_size=args.image_size), device=args.device, seed=args.seed,
                         init=args.init, num_workers=args.workers, log=log)
     print(f"wrote {args.out}")

@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from clip_core.errors import InputError
 from dedup.augment import image_source, sample_photos, train_view
 
 TEMPERATURE = 0.07  # fixed, as Appendix C
@@ -171,10 +172,32 @@ def save_detector(model: CopyDetector, out: str | Path, meta: dict | None = None
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().half().contiguous() for k, v in model.state_dict().items()
              if v.is_floating_point()}
-    save_file(state, str(out / "model.safetensors"))
     cfg = {"config": asdict(model.config), "temperature": TEMPERATURE, "train": meta or {}}
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    # each file written aside and renamed: a run killed while saving leaves the previous detector whole
+    save_file(state, str(out / ".model.safetensors.tmp"))
+    (out / ".config.json.tmp").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / ".model.safetensors.tmp").replace(out / "model.safetensors")
+    (out / ".config.json.tmp").replace(out / "config.json")
     return out
+
+
+_DETECTOR_FIX = "pass a folder written by `clip-pipeline dedup train-detector`, or leave --detector out"
+
+
+def _read_detector(path: Path) -> tuple[CopyDetector, dict]:
+    """(an untrained model of the folder's config, its weights); InputError naming the bad file."""
+    try:
+        raw = json.loads((path / "config.json").read_text())["config"]
+        model = CopyDetector(DetectorConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}))
+    except Exception as err:  # noqa: BLE001 -- any bad field or JSON is the same mistake for the user
+        raise InputError(str(path / "config.json"), f"not a copy detector config ({type(err).__name__}: {err})",
+                         _DETECTOR_FIX) from err
+    try:
+        state = {k: v.float() for k, v in load_file(str(path / "model.safetensors")).items()}
+    except Exception as err:  # noqa: BLE001 -- safetensors raises its own error type for a damaged file
+        raise InputError(str(path / "model.safetensors"), f"cannot read detector weights ({err})",
+                         _DETECTOR_FIX) from err
+    return model, state
 
 
 def load_detector(path: str | Path | None = None, device: str = "cpu") -> CopyDetector:
@@ -183,16 +206,15 @@ def load_detector(path: str | Path | None = None, device: str = "cpu") -> CopyDe
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"no copy detector at {path} (expected config.json and model.safetensors)")
-    raw = json.loads(cfg_file.read_text())["config"]
-    model = CopyDetector(DetectorConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}))
-    state = {k: v.float() for k, v in load_file(str(path / "model.safetensors")).items()}
+    model, state = _read_detector(path)
     try:
         model.load_state_dict(state, strict=False)  # BatchNorm step counters are not stored
     except RuntimeError as e:
-        raise ValueError(f"detector weights at {path} do not fit its config.json (an older format?): {e}") from e
+        raise InputError(str(path), f"detector weights do not fit its config.json (an older format?): {e}",
+                         _DETECTOR_FIX) from e
     missing = {k for k in set(model.state_dict()) - set(state) if not k.endswith("num_batches_tracked")}
     if missing:
-        raise ValueError(f"detector at {path} lacks {sorted(missing)[:5]}")
+        raise InputError(str(path), f"detector lacks {sorted(missing)[:5]}", _DETECTOR_FIX)
     return model.to(device).eval()
 
 

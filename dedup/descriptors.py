@@ -19,6 +19,7 @@ import scipy.fft
 import torch
 from PIL import Image
 
+from clip_core.errors import InputError
 from clip_core.transforms import ImageDecodeError, load_image
 
 # "default" is the combination with the best recall at the precision target (bench/dedup_bench.py).
@@ -117,13 +118,13 @@ def make_descriptors(spec: str = "default", detector_path=None, device: str = "c
             from dedup.copy_detector import load_detector
             out.append(DetectorDescriptor(load_detector(detector_path, device)))
         elif name.startswith("clip:"):
-            from clip_core.model import load_checkpoint
-            out.append(ClipDescriptor(load_checkpoint(name[5:]).to(device).eval(), name=name))
+            from clip_core.eval.run import load_model  # a bad checkpoint: InputError naming the file
+            out.append(ClipDescriptor(load_model(name[5:])[0].to(device).eval(), name=name))
         else:
-            raise ValueError(f"unknown descriptor {name!r} in {spec!r}; use phash, phash256, detector, "
-                             f"combined, default, clip:PATH or a '+' join of them")
+            raise InputError("--descriptor", f"unknown descriptor {name!r} in {spec!r}",
+                             "use phash, phash256, detector, combined, default, clip:PATH or a '+' join of them")
     if len({d.name for d in out}) != len(out):
-        raise ValueError(f"descriptor spec {spec!r} names a descriptor twice")
+        raise InputError("--descriptor", f"descriptor spec {spec!r} names a descriptor twice", "name each once")
     return out
 
 

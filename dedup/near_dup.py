@@ -7,15 +7,19 @@ The stage is a global reduce plus a per-shard map (DESIGN.md, Scale):
 recall at the precision target, `calibrate.py`); `dedup_shard` streams one corpus shard
 against those references; `dedup` runs both and writes `matches.parquet`,
 `kept_keys.parquet`, `dedup_stats.json` and `contact_sheet.png`.
+
+Every corpus sample that is not checked is counted with its reason (no image, undecodable,
+truncated or corrupt shard). Outputs are built in a hidden folder inside OUT and moved in at
+the end, `dedup_stats.json` last: a failed run leaves the previous complete result in place.
 """
 from __future__ import annotations
 
 import heapq
 import json
 import posixpath
-import tarfile
 import time
-from collections.abc import Iterator, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import fsspec
@@ -23,13 +27,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clip_core.data.webdataset_io import DamagedShardError, iter_shard
+from clip_core.errors import InputError
 from clip_core.eval.features import batched
 from dedup.calibrate import calibrate_reference
+from dedup.checks import check_dedup_options, list_corpus_shards
 from dedup.descriptors import decode_all, encode, make_descriptors
 from dedup.index import build_index
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_LISTED = 1000  # unreadable samples listed in dedup_stats.json; unreadable.txt has them all
+STATS_NAME = "dedup_stats.json"  # written last: its presence marks a complete result
+OUTPUT_NAMES = ("matches.parquet", "kept_keys.parquet", "unreadable.txt", "contact_sheet.png", "near_misses.png")
+NO_IMAGE = "sample has no image"
 MATCH_SCHEMA = pa.schema([("key", pa.string()), ("eval_set", pa.string()), ("eval_index", pa.int64()),
                           ("similarity", pa.float32()), ("descriptor", pa.string())])
 
@@ -93,52 +103,60 @@ def build_references(eval_dirs: Sequence[str], descriptors, *, splits: Sequence[
                      precision: float = 0.99, calibration_samples: int = 500, thresholds: dict | None = None,
                      batch_size: int = 128, device: str = "cpu", seed: int = 0) -> list[EvalReference]:
     """Encode and calibrate every (eval set, split); a non-test split is named `name/split`."""
-    from clip_core.eval.datasets import load_eval_set
+    opened = open_eval_splits(eval_dirs, splits)  # every set checked before any is encoded
+    if thresholds:
+        _manual(descriptors, thresholds)
     rng, refs = np.random.default_rng(seed), []
+    for name, eval_set, split in opened:
+        codes, eval_index, unreadable, reservoir = encode_split(descriptors, eval_set.root, split, batch_size,
+                                                                calibration_samples, rng)
+        if not len(eval_index):
+            raise InputError(f"eval set {eval_set.root}", f"split {split!r}: no readable images",
+                             "check its images decode")
+        ref = EvalReference(name, eval_set.root, split, eval_index, codes, unreadable=unreadable)
+        if thresholds:
+            ref.thresholds, ref.calibration = _manual(descriptors, thresholds), {"manual": True}
+        else:
+            negatives = held_out_images(eval_set.root, split, calibration_samples)
+            calibrate_reference(descriptors, ref, reservoir, precision, rng, negatives, device)
+        refs.append(ref)
+    return refs
+
+
+def open_eval_splits(eval_dirs: Sequence[str], splits: Sequence[str]) -> list[tuple[str, object, str]]:
+    """(reference name, EvalSet, split) of every eval folder and split; InputError on the first bad one."""
+    from clip_core.eval.datasets import load_eval_set
+    opened = []
     for root in eval_dirs:
         for split in splits:
-            eval_set = load_eval_set(str(root), split)  # a clear error without classnames.txt etc.
+            eval_set = load_eval_set(str(root), split)  # a clear error without classnames.txt, split, etc.
             name = eval_set.name if split == "test" else f"{eval_set.name}/{split}"
-            if any(r.name == name for r in refs):
-                raise ValueError(f"two eval folders are both named {name!r}; rename one")
-            codes, eval_index, unreadable, reservoir = encode_split(descriptors, eval_set.root, split, batch_size,
-                                                                    calibration_samples, rng)
-            if not len(eval_index):
-                raise ValueError(f"eval set {root} split {split!r}: no readable images")
-            ref = EvalReference(name, eval_set.root, split, eval_index, codes, unreadable=unreadable)
-            if thresholds:
-                ref.thresholds, ref.calibration = _manual(descriptors, thresholds), {"manual": True}
-            else:
-                negatives = held_out_images(eval_set.root, split, calibration_samples)
-                calibrate_reference(descriptors, ref, reservoir, precision, rng, negatives, device)
-            refs.append(ref)
-    return refs
+            if any(n == name for n, _, _ in opened):
+                raise InputError("--eval", f"two eval folders are both named {name!r}", "rename one")
+            opened.append((name, eval_set, split))
+    return opened
 
 
 def _manual(descriptors, thresholds: dict) -> dict:
     missing = [d.name for d in descriptors if d.name not in thresholds]
+    unused = sorted(set(thresholds) - {d.name for d in descriptors})
+    if unused:  # a typo, or a descriptor not in --descriptor
+        raise InputError("--threshold", f"no descriptor {unused} in use (descriptors: {[d.name for d in descriptors]})",
+                         "name only descriptors of --descriptor")
     if missing:
-        raise ValueError(f"manual thresholds lack descriptors {missing}; given {sorted(thresholds)}")
+        raise InputError("--threshold", f"manual thresholds lack descriptors {missing}; given {sorted(thresholds)}",
+                         "pass NAME=VALUE for each descriptor, or none to calibrate")
     return {d.name: float(thresholds[d.name]) for d in descriptors}
 
 
-def iter_shard_images(fs, path: str) -> Iterator[tuple[str, bytes | None]]:
-    """(key, image bytes or None when the sample has no image) of one WebDataset shard."""
-    key, image = None, None
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            stem, _, ext = posixpath.basename(member.name).partition(".")
-            stem = posixpath.join(posixpath.dirname(member.name), stem)
-            if stem != key:
-                if key is not None:
-                    yield key, image
-                key, image = stem, None
-            if ext.lower() in IMAGE_EXTS:
-                image = tar.extractfile(member).read()
-    if key is not None:
-        yield key, image
+def iter_shard_images(fs, path: str, damaged: list | None = None) -> Iterator[tuple[str, bytes | None]]:
+    """(key, image bytes or None when the sample has no image) of one WebDataset shard.
+
+    A truncated or corrupt shard raises DamagedShardError after its complete samples, or with a
+    list as `damaged`, appends the error there and ends (webdataset_io.iter_shard)."""
+    for sample in iter_shard(fs, path, decode=False, damaged=damaged):
+        image = next((v for k, v in sample.items() if k != "__key__" and k.lower() in IMAGE_EXTS), None)
+        yield sample["__key__"], image
 
 
 @dataclass
@@ -152,6 +170,28 @@ class ShardResult:
     unreadable: list = field(default_factory=list)  # (key, error)
     closest: list = field(default_factory=list)  # heaps of (margin, key, (set, index, sim, descriptor), bytes)
     near_misses: list = field(default_factory=list)
+    damaged: dict | None = None  # a truncated or corrupt shard: reason, samples read and lost
+
+
+def expected_samples(fs, shard_path: str) -> int | None:
+    """Samples img2dataset stored in a shard, from the `NNNNN.parquet` beside it (None without one)."""
+    manifest = shard_path[: -len(".tar")] + ".parquet"
+    try:
+        if not fs.isfile(manifest):
+            return None
+        with fs.open(manifest, "rb") as f:
+            status = pq.read_table(f, columns=["status"])["status"].to_pylist()
+    except Exception:  # noqa: BLE001 -- no usable manifest: the loss stays unknown, and is reported so
+        return None
+    return sum(s == "success" for s in status)
+
+
+def damage_record(fs, shard_uri: str, path: str, err: DamagedShardError, samples_read: int) -> dict:
+    """What a damaged shard cost: reason, samples read, samples lost (exact with a manifest, else None)."""
+    expected = expected_samples(fs, path)
+    lost = max(expected - samples_read, 0) if expected is not None else None
+    return {"shard": posixpath.basename(shard_uri), "reason": err.reason, "samples_read": samples_read,
+            "samples_lost": lost, "first_lost": err.lost_key, "error": err.detail}
 
 
 def _offer(heap: list, items, size: int) -> None:
@@ -190,33 +230,21 @@ def dedup_shard(shard_uri: str, refs: Sequence[EvalReference], descriptors, *, b
                 device: str = "cpu", sheet_size: int = 12, storage_options: dict | None = None) -> ShardResult:
     """Match every image of one corpus shard against the eval references (the per-shard map)."""
     fs, path = fsspec.core.url_to_fs(shard_uri, **(storage_options or {}))
-    result = ShardResult(shard_uri)
-    try:
-        for batch in batched(iter_shard_images(fs, path), batch_size):
-            result.n_images += len(batch)
-            result.unreadable += [(key, "sample has no image") for key, blob in batch if blob is None]
-            readable = [(key, blob) for key, blob in batch if blob is not None]
-            images, ok, errors = decode_all([b for _, b in readable], [key for key, _ in readable])
-            bad = sorted(set(range(len(readable))) - set(ok))
-            result.unreadable += [(readable[i][0], e) for i, e in zip(bad, errors)]
-            keys, blobs = [readable[i][0] for i in ok], [readable[i][1] for i in ok]
-            matched = _match_batch(result, keys, blobs, encode(descriptors, images), refs, descriptors, k,
-                                   device, sheet_size) if keys else set()
-            result.kept += [key for key in keys if key not in matched]
-    except (tarfile.TarError, EOFError, OSError) as e:  # a truncated shard: keep what was read
-        result.unreadable.append((shard_uri, f"shard unreadable after {result.n_images} samples: {e}"))
+    result, damaged = ShardResult(shard_uri), []
+    for batch in batched(iter_shard_images(fs, path, damaged), batch_size):  # a damaged shard ends early
+        result.n_images += len(batch)
+        result.unreadable += [(key, NO_IMAGE) for key, blob in batch if blob is None]
+        readable = [(key, blob) for key, blob in batch if blob is not None]
+        images, ok, errors = decode_all([b for _, b in readable], [key for key, _ in readable])
+        bad = sorted(set(range(len(readable))) - set(ok))
+        result.unreadable += [(readable[i][0], e) for i, e in zip(bad, errors)]
+        keys, blobs = [readable[i][0] for i in ok], [readable[i][1] for i in ok]
+        matched = _match_batch(result, keys, blobs, encode(descriptors, images), refs, descriptors, k,
+                               device, sheet_size) if keys else set()
+        result.kept += [key for key in keys if key not in matched]
+    if damaged:
+        result.damaged = damage_record(fs, shard_uri, path, damaged[0], result.n_images)
     return result
-
-
-def list_corpus_shards(corpus_uri: str, storage_options: dict | None = None) -> list[str]:
-    """The corpus's `*.tar` shards, sorted; a clear error when there are none."""
-    fs, root = fsspec.core.url_to_fs(corpus_uri, **(storage_options or {}))
-    if not fs.isdir(root):
-        raise FileNotFoundError(f"corpus {corpus_uri}: no such folder")
-    shards = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".tar"))
-    if not shards:
-        raise ValueError(f"corpus {corpus_uri}: no .tar shards (empty corpus, or not a WebDataset folder?)")
-    return [fs.unstrip_protocol(p) for p in shards]
 
 
 def dedup(corpus_uri: str, out_uri: str, eval_dirs: Sequence[str], *, descriptor: str = "default",
@@ -225,9 +253,13 @@ def dedup(corpus_uri: str, out_uri: str, eval_dirs: Sequence[str], *, descriptor
           device: str = "cpu", seed: int = 0, sheet_size: int = 12, storage_options: dict | None = None) -> dict:
     """Find corpus images that duplicate eval images; write matches, kept keys, stats and a contact sheet."""
     t0 = time.time()
-    if not eval_dirs:
-        raise ValueError("dedup needs at least one eval set folder (--eval DIR)")
+    eval_dirs = [eval_dirs] if isinstance(eval_dirs, str) else [str(d) for d in eval_dirs]  # one folder, or many
+    splits = (splits,) if isinstance(splits, str) else tuple(splits)
+    check_dedup_options(eval_dirs, out_uri, precision=precision, thresholds=thresholds,
+                        calibration_samples=calibration_samples, batch_size=batch_size, k=k, device=device,
+                        sheet_size=sheet_size, splits=splits)
     shards = list_corpus_shards(corpus_uri, storage_options)
+    open_eval_splits(eval_dirs, splits)
     descriptors = make_descriptors(descriptor, detector_path, device)
     refs = build_references(eval_dirs, descriptors, splits=splits, precision=precision, thresholds=thresholds,
                             calibration_samples=calibration_samples, batch_size=batch_size, device=device, seed=seed)
@@ -235,11 +267,12 @@ def dedup(corpus_uri: str, out_uri: str, eval_dirs: Sequence[str], *, descriptor
                            storage_options=storage_options) for s in shards]
     config = {"corpus": corpus_uri, "descriptor": descriptor, "descriptors": [d.name for d in descriptors],
               "precision_target": precision, "splits": list(splits), "k": k, "seed": seed}
-    stats = write_outputs(out_uri, results, refs, config, sheet_size, storage_options)
-    stats["seconds"] = round(time.time() - t0, 2)
-    with fsspec.open(posixpath.join(out_uri, "dedup_stats.json"), "w", **(storage_options or {})) as f:
-        json.dump(stats, f, indent=2)
-    return stats
+
+    def build(aside: str) -> dict:
+        stats = write_outputs(aside, results, refs, config, sheet_size, storage_options)
+        return {**stats, "seconds": round(time.time() - t0, 2)}
+
+    return publish(out_uri, build, storage_options)
 
 
 def _write_parquet(table: pa.Table, uri: str, storage_options: dict | None) -> None:
@@ -259,6 +292,18 @@ def _per_set(refs, matches: list[dict]) -> dict:
     return out
 
 
+def _dropped(results: Sequence[ShardResult]) -> dict:
+    """Samples not checked, by reason; a damaged shard without a manifest counts its known loss (>= 0)."""
+    out = {"no_image": 0, "undecodable": 0, "truncated": 0, "corrupt": 0}
+    for r in results:
+        for _, error in r.unreadable:
+            out["no_image" if error == NO_IMAGE else "undecodable"] += 1
+        if r.damaged:
+            d = r.damaged
+            out[d["reason"]] += d["samples_lost"] if d["samples_lost"] is not None else int(d["first_lost"] is not None)
+    return out
+
+
 def write_outputs(out_uri: str, results: Sequence[ShardResult], refs, config: dict, sheet_size: int = 12,
                   storage_options: dict | None = None) -> dict:
     """The reduce: matches.parquet, kept_keys.parquet, contact sheets; returns the stats dict."""
@@ -271,13 +316,69 @@ def write_outputs(out_uri: str, results: Sequence[ShardResult], refs, config: di
                      "shard": [posixpath.basename(r.shard) for r in results for _ in r.kept]})
     _write_parquet(kept, posixpath.join(out_uri, "kept_keys.parquet"), storage_options)
     unreadable = [{"key": key, "error": err} for r in results for key, err in r.unreadable]
+    damaged = [r.damaged for r in results if r.damaged]
     with fsspec.open(posixpath.join(out_uri, "unreadable.txt"), "w", **(storage_options or {})) as f:
         f.writelines(f"{u['key']}\t{u['error']}\n" for u in unreadable)
+        f.writelines(f"{d['shard']}\t{d['reason']} shard: {d['samples_read']} samples read, "
+                     f"{d['samples_lost'] if d['samples_lost'] is not None else 'unknown'} lost: {d['error']}\n"
+                     for d in damaged)
     n_images = sum(r.n_images for r in results)
     if sheet_size:
         from dedup.report import write_contact_sheets
         write_contact_sheets(out_uri, results, refs, sheet_size, storage_options)
-    return {**config, "corpus_shards": len(results), "corpus_images": n_images, "unreadable": len(unreadable),
+    dropped = _dropped(results)
+    return {**config, "corpus_shards": len(results), "corpus_images": n_images, "unreadable": sum(dropped.values()),
+            "dropped": dropped, "damaged_shards": damaged,
             "unreadable_samples": unreadable[:MAX_LISTED], "removed": len({m["key"] for m in matches}),
             "kept": kept.num_rows,
             "eval_sets": _per_set(refs, matches)}
+
+
+# ----- outputs appear whole: built aside, moved in, the stats file last -----
+
+def _previous_outputs(fs, stats_path: str) -> set[str]:
+    """Output names the last complete run recorded (only names this stage writes)."""
+    try:
+        with fs.open(stats_path, "r") as f:
+            listed = json.load(f).get("outputs", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {name for name in listed if name in OUTPUT_NAMES}
+
+
+def _swap_in(fs, root: str, aside: str, stats: dict) -> None:
+    """Move the new outputs into OUT; drop the old run's outputs this run did not write; stats last."""
+    stats_path = posixpath.join(root, STATS_NAME)
+    previous = _previous_outputs(fs, stats_path)
+    if fs.exists(stats_path):
+        fs.rm(stats_path)  # no marker while files change: a crash here reads as "no complete result"
+    for name in stats["outputs"][:-1]:
+        fs.mv(posixpath.join(aside, name), posixpath.join(root, name))
+    for name in sorted(previous - set(stats["outputs"])):
+        if fs.exists(posixpath.join(root, name)):
+            fs.rm(posixpath.join(root, name))
+    with fs.open(posixpath.join(aside, STATS_NAME), "w") as f:
+        json.dump(stats, f, indent=2)
+    fs.mv(posixpath.join(aside, STATS_NAME), stats_path)
+
+
+def publish(out_uri: str, build: Callable[[str], dict], storage_options: dict | None = None) -> dict:
+    """Run `build(aside_uri)` into a hidden folder inside OUT, then move its outputs in.
+
+    A failure leaves OUT as it was; only files named in OUTPUT_NAMES and STATS_NAME are
+    replaced, and only those the previous run's stats list are removed."""
+    fs, root = fsspec.core.url_to_fs(out_uri, **(storage_options or {}))
+    created = not fs.exists(root)
+    aside = posixpath.join(root, f".dedup-{uuid.uuid4().hex[:12]}.tmp")
+    fs.makedirs(aside, exist_ok=True)
+    try:
+        stats = build(fs.unstrip_protocol(aside))
+        written = [n for n in OUTPUT_NAMES if fs.exists(posixpath.join(aside, n))]
+        stats["outputs"] = written + [STATS_NAME]
+        _swap_in(fs, root, aside, stats)
+    finally:
+        if fs.exists(aside):
+            fs.rm(aside, recursive=True)
+        if created and fs.exists(root) and not fs.ls(root, detail=False):
+            fs.rmdir(root)  # a failed first run leaves no empty OUT behind
+    return stats

@@ -19,6 +19,9 @@ import numpy as np
 import pyarrow.parquet as pq
 from scipy.stats import binomtest
 
+from clip_core.data.webdataset_io import atomic_open
+from clip_core.errors import InputError
+
 CONFIDENCE = 0.995
 
 
@@ -79,10 +82,31 @@ def overlap_table(correct_by_set: Mapping[str, np.ndarray], overlap_by_set: Mapp
             for name, correct in correct_by_set.items()]
 
 
+MATCH_COLUMNS = ("eval_set", "eval_index")
+_MATCHES_FIX = "pass the matches.parquet that `clip-pipeline dedup` wrote"
+
+
+def check_matches_file(matches_uri: str, storage_options: dict | None = None) -> None:
+    """A Parquet file with eval_set and eval_index columns (InputError naming it otherwise)."""
+    fs, path = fsspec.core.url_to_fs(str(matches_uri), **(storage_options or {}))
+    if not fs.isfile(path):
+        what = "is a folder" if fs.isdir(path) else "no such file"
+        raise InputError(f"--matches {matches_uri}", what, _MATCHES_FIX)
+    try:
+        with fs.open(path, "rb") as f:
+            names = pq.read_schema(f).names
+    except Exception as err:  # noqa: BLE001 -- pyarrow raises several types for a file that is no Parquet
+        raise InputError(f"--matches {matches_uri}", f"not a Parquet file ({err})", _MATCHES_FIX) from err
+    missing = [c for c in MATCH_COLUMNS if c not in names]
+    if missing:
+        raise InputError(f"--matches {matches_uri}", f"no column(s) {missing} (columns: {names})", _MATCHES_FIX)
+
+
 def read_overlaps(matches_uri: str, storage_options: dict | None = None) -> dict[str, set[int]]:
     """{eval set: overlapping eval indexes} from a dedup `matches.parquet`."""
+    check_matches_file(matches_uri, storage_options)
     with fsspec.open(matches_uri, "rb", **(storage_options or {})) as f:
-        table = pq.read_table(f, columns=["eval_set", "eval_index"])
+        table = pq.read_table(f, columns=list(MATCH_COLUMNS))
     out: dict[str, set[int]] = {}
     for name, index in zip(table["eval_set"].to_pylist(), table["eval_index"].to_pylist()):
         out.setdefault(name, set()).add(int(index))
@@ -125,10 +149,11 @@ def overlap_report(correct_by_set: Mapping[str, np.ndarray], overlap_by_set: Map
     rows = [{k: _clean_json(v) for k, v in asdict(s).items()} for s in stats]
     doc = {"confidence": confidence, "test": "one-tailed binomial, H1: overlap acc > clean acc",
            "summary": summary(stats), "eval_sets": rows}
-    with fs.open(f"{root}/overlap.json", "w") as f:
-        json.dump(doc, f, indent=2, allow_nan=False)
-    with fs.open(f"{root}/overlap.md", "w") as f:
-        f.write(markdown_table(stats, confidence))
-    with fs.open(f"{root}/overlap.png", "wb") as f:
+    # each file appears whole (written aside, renamed); overlap.json, the record, comes last
+    with atomic_open(fs, f"{root}/overlap.png") as f:
         f.write(overlap_plot(stats, confidence))
+    with atomic_open(fs, f"{root}/overlap.md") as f:
+        f.write(markdown_table(stats, confidence).encode("utf-8"))
+    with atomic_open(fs, f"{root}/overlap.json") as f:
+        f.write(json.dumps(doc, indent=2, allow_nan=False).encode("utf-8"))
     return stats

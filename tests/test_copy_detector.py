@@ -68,6 +68,19 @@ def test_save_load_roundtrip(tmp_path):
     assert load_detector(tmp_path / "d").config == TINY
     with pytest.raises(FileNotFoundError, match="no copy detector"):
         load_detector(tmp_path / "missing")
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["config.json", "model.safetensors"]  # no temp files
+
+
+def test_a_damaged_detector_is_an_input_error_naming_the_file(tmp_path):
+    """Issue 14: a random-bytes model.safetensors gave safetensors' own traceback, the file unnamed."""
+    from clip_core.errors import InputError
+    save_detector(CopyDetector(TINY).eval(), tmp_path / "d")
+    (tmp_path / "d" / "model.safetensors").write_bytes(np.random.default_rng(0).bytes(4000))
+    with pytest.raises(InputError, match=r"d/model.safetensors: cannot read detector weights"):
+        load_detector(tmp_path / "d")
+    (tmp_path / "d" / "config.json").write_text('{"config": {"image_size": 32, "no_such_field": 1}}')
+    with pytest.raises(InputError, match=r"d/config.json: not a copy detector config"):
+        load_detector(tmp_path / "d")
 
 
 def test_shipped_detector_loads_and_tells_copies_apart():

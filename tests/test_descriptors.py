@@ -71,6 +71,15 @@ def test_descriptor_specs():
         make_descriptors("phash+phash")
 
 
+def test_a_bad_clip_checkpoint_descriptor_is_an_input_error(tmp_path):
+    from clip_core.errors import InputError
+    (tmp_path / "model.safetensors").write_bytes(np.random.default_rng(0).bytes(3000))
+    with pytest.raises(InputError, match="model.safetensors"):
+        make_descriptors(f"phash+clip:{tmp_path / 'model.safetensors'}")
+    with pytest.raises(InputError, match="--descriptor: unknown descriptor"):
+        make_descriptors("sift")
+
+
 def test_detector_descriptor_encodes_unit_vectors(images):
     (d,) = make_descriptors("detector")
     z = d.encode(images[:3])

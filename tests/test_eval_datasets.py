@@ -11,6 +11,8 @@ from clip_core.eval.datasets import (
     EvalSet, check_templates, fill_template, iter_samples, list_splits, load_eval_set, paper_prompts,
     read_image, read_images,
 )
+from clip_core.data.webdataset_io import DamagedShardError
+from clip_core.errors import InputError
 from clip_core.transforms import ImageDecodeError
 
 
@@ -150,10 +152,13 @@ def test_empty_and_missing_splits(tmp_path, cls_set):
     write_tar(root / "test" / "0.tar", [])
     with pytest.raises(ValueError, match="is empty"):
         load_eval_set(root)
-    with pytest.raises(FileNotFoundError, match="no split 'val'.*test, train"):
+    with pytest.raises(InputError, match="no split 'val'.*test, train"):
         load_eval_set(cls_set, split="val")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(InputError, match="nowhere: no eval set folder"):
         load_eval_set(tmp_path / "nowhere")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(InputError, match="afile: is a file, not an eval set folder"):
+        load_eval_set(tmp_path / "afile")
 
 
 def test_bad_samples(tmp_path):
@@ -166,3 +171,30 @@ def test_bad_samples(tmp_path):
     write_tar(tmp_path / "c" / "test" / "0.tar", [("k.jpg", b"not a jpeg"), ("k.cls", b"0")])
     with pytest.raises(ImageDecodeError, match="k.jpg"):
         read_image(next(iter_samples(tmp_path / "c", "test")))
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n\t\n"])
+def test_an_empty_templates_file_is_an_error_not_the_default(cls_set, text):
+    """Issue 14: an empty templates.txt fell back to "a photo of a {c}." without a word."""
+    (cls_set / "templates.txt").write_text(text)
+    with pytest.raises(InputError, match=r"shapes/templates.txt: has no entries .*\{c\} for the class name"):
+        load_eval_set(cls_set)
+    (cls_set / "templates.txt").unlink()  # no file at all: the documented default
+    assert load_eval_set(cls_set).templates == ("a photo of a {c}.",)
+
+
+def test_an_empty_classnames_file_is_an_error(cls_set):
+    (cls_set / "classnames.txt").write_text("\n\n")
+    with pytest.raises(InputError, match="shapes/classnames.txt: has no entries .*one class name a line"):
+        load_eval_set(cls_set)
+
+
+def test_a_truncated_eval_shard_is_an_error_naming_it(cls_set):
+    """An eval number measured on part of a set would not compare: the cut shard is refused, by name."""
+    shard = cls_set / "test" / "000001.tar"
+    data = shard.read_bytes()
+    with tarfile.open(shard) as tar:
+        second = tar.getmembers()[2].offset  # d.png's header: a cut tarfile alone reads as a whole shard
+    shard.write_bytes(data[:second])
+    with pytest.raises(DamagedShardError, match="000001.tar: shard is truncated after 0 complete samples"):
+        list(iter_samples(cls_set, "test"))

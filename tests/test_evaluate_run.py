@@ -217,3 +217,61 @@ def test_flow_logs_to_mlflow(workdir, tmp_path, monkeypatch):
     run = client.search_runs([client.get_experiment_by_name("clip-eval").experiment_id])[0]
     assert run.data.metrics["eval/flickr/zeroshot_retrieval/image_retrieval_recall_at_5"] == 1.0
     assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} >= {"eval/results.md"}
+
+
+# ----- issue 14: bad input is exit 2 with one line, before the model runs or anything is written -----
+
+BAD_EVALUATE = [
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "-4"], "--batch-size"),
+    (["--workers", "-1"], "--workers"),
+    (["--device", "gpu"], "--device"),
+    (["--device", "cuda:99"], "--device"),
+]
+
+
+@pytest.mark.parametrize("extra,named", BAD_EVALUATE, ids=[" ".join(e) for e, _ in BAD_EVALUATE])
+def test_evaluate_refuses_bad_options(workdir, tmp_path, capsys, extra, named):
+    from clip_core.cli import main
+    out = tmp_path / "out"
+    assert main(["evaluate", str(workdir / "ckpt"), str(workdir / "shapes"), "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert named in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_evaluate_refuses_bad_folders_and_checkpoints(workdir, tmp_path, capsys):
+    from clip_core.cli import main
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "random.safetensors").write_bytes(os.urandom(3000))
+    rand_dir = _touch_checkpoint(tmp_path / "randdir")
+    (rand_dir / "model.safetensors").write_bytes(os.urandom(5000))
+    (tmp_path / "not-a-pickle.pt").write_bytes(b"PK\x03\x04" + os.urandom(300))
+    ckpt, shapes, out = str(workdir / "ckpt"), str(workdir / "shapes"), str(tmp_path / "out")
+    cases = [
+        ([ckpt, str(tmp_path / "noeval"), "--out", out], "noeval: no eval set folder"),
+        ([ckpt, str(tmp_path / "afile"), "--out", out], "afile: is a file, not an eval set folder"),
+        ([ckpt, shapes, "--out", str(tmp_path / "afile")], "--out"),
+        ([ckpt, shapes, "--out", str(tmp_path / "afile" / "sub")], "--out"),
+        ([str(tmp_path / "random.safetensors"), shapes, "--out", out], "random.safetensors"),
+        ([str(rand_dir), shapes, "--out", out], "randdir"),
+        ([str(tmp_path / "not-a-pickle.pt"), shapes, "--out", out], "not-a-pickle.pt"),
+        ([str(tmp_path / "nockpt"), shapes, "--out", out], "nockpt"),
+    ]
+    for argv, named in cases:
+        assert main(["evaluate", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert named in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (argv, err)
+    assert (tmp_path / "afile").read_text() == "mine" and not (tmp_path / "out").exists()
+
+
+def test_evaluate_names_a_truncated_eval_shard(workdir, tmp_path):
+    """Before: `split 'test' is empty (no samples)` for a set whose shard was cut after 3 samples."""
+    cut = tmp_path / "cut"
+    shutil.copytree(workdir / "shapes", cut)
+    shard = cut / "test" / "000000.tar"
+    with tarfile.open(shard) as tar:
+        offset = tar.getmembers()[8].offset  # the header of sample 4's first member
+    shard.write_bytes(shard.read_bytes()[:offset])
+    with pytest.raises(ValueError, match=r"cut/test/000000.tar: shard is truncated after 3 complete samples"):
+        evaluate(workdir / "ckpt", [cut], out_dir=tmp_path / "out", batch_size=64, progress=False)
+    assert not (tmp_path / "out").exists()

@@ -106,6 +106,8 @@ def test_manual_thresholds_and_per_shard_map(planted):
     assert pickle.loads(pickle.dumps(refs[0])).n == 24  # references travel to workers
     with pytest.raises(ValueError, match="lack descriptors"):
         build_references([planted["eval"]], make_descriptors("combined"), thresholds={"phash": 0.9})
+    with pytest.raises(ValueError, match="no descriptor"):  # a threshold for a descriptor not in use: a typo
+        build_references([planted["eval"]], descriptors, thresholds={"phash": 0.9, "phsh": 0.9})
 
 
 def test_bad_inputs_give_clear_errors(planted, tmp_path):
@@ -181,7 +183,7 @@ def test_cli_runs_dedup_and_train_detector(planted, tmp_path):
                               "--image-size", "32", "--workers", "0"])
     assert run_dedup_command(args) == 0
     assert (tmp_path / "det" / "config.json").exists()
-    with pytest.raises(SystemExit, match="--eval"):
+    with pytest.raises(ValueError, match="--eval"):
         run_dedup_command(parser.parse_args([planted["corpus"], str(tmp_path / "o")]))
 
 
@@ -195,11 +197,17 @@ def test_eval_internal_duplicates_are_not_false_matches(tmp_path):
     assert ref.calibration["recall"] > 0.5
 
 
-def test_truncated_shard_is_reported_not_fatal(planted, tmp_path):
+@pytest.mark.parametrize("batch_size", [4, 128])
+def test_truncated_shard_is_reported_not_fatal(planted, tmp_path, batch_size):
     data = open(planted["corpus"] + "/00001.tar", "rb").read()
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "00000.tar").write_bytes(data[: len(data) // 3])  # cut inside a member
+    with tarfile.open(planted["corpus"] + "/00001.tar") as tar:
+        started = [m.name.split(".")[0] for m in tar.getmembers() if m.offset_data <= len(data) // 3]
     descriptors = make_descriptors("phash")
     refs = build_references([planted["eval"]], descriptors, thresholds={"phash": 0.9})
-    result = dedup_shard(str(tmp_path / "corpus" / "00000.tar"), refs, descriptors, batch_size=4)
-    assert 0 < result.n_images < 21 and "shard unreadable" in result.unreadable[-1][1]
+    result = dedup_shard(str(tmp_path / "corpus" / "00000.tar"), refs, descriptors, batch_size=batch_size)
+    # every sample before the cut is checked, even in a batch the cut left unfilled; the one cut is named
+    assert result.n_images == len(set(started)) - 1 and result.unreadable == []
+    assert result.damaged["reason"] == "truncated" and result.damaged["samples_read"] == result.n_images
+    assert result.damaged["first_lost"] == started[-1] and result.damaged["samples_lost"] is None

@@ -4,18 +4,30 @@ Shards are named `000000.tar`, `000001.tar`, ... as CLIP_benchmark and img2datas
 out. Writes are atomic: a shard is written under a temporary name and renamed when done,
 so a reader never sees half a shard. Values encode by type: bytes as-is, str as UTF-8,
 int as ASCII digits (`cls`), dict/list as JSON.
+
+Reading checks that a shard is whole: tarfile ends a stream quietly at a missing or cut
+header, so a shard cut at a member boundary would read as a shorter, valid one. `iter_shard`
+requires the end-of-archive block (as GNU tar does) and reports a cut or corrupt shard as
+`DamagedShardError`, after yielding the complete samples before the damage.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import lzma
 import posixpath
 import tarfile
 import uuid
+import zlib
 from collections.abc import Iterable, Iterator
 
 import fsspec
+
+from clip_core.errors import InputError
+
+# what a cut or corrupt compressed or plain tar raises while it is streamed
+_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError)
 
 
 @contextlib.contextmanager
@@ -112,30 +124,84 @@ def _split_name(name: str) -> tuple[str, str]:
     return posixpath.join(folder, stem), ext
 
 
-def iter_shard(fs, path: str, decode: bool = True) -> Iterator[dict]:
+class DamagedShardError(InputError):
+    """A shard that ends early ("truncated") or holds a bad header ("corrupt")."""
+
+    def __init__(self, path: str, samples_read: int, reason: str, detail: str, lost_key: str | None = None):
+        self.path, self.samples_read, self.reason, self.detail = path, samples_read, reason, detail
+        self.lost_key = lost_key  # the sample being read when the damage was found (dropped: it may lack fields)
+        super().__init__(path, f"shard is {reason} after {samples_read} complete samples ({detail})",
+                         "the file is incomplete or damaged: write or download it again")
+
+
+class _Header(tarfile.TarInfo):
+    """A TarInfo that notes on the archive why reading stopped (tarfile ends silently on a cut header)."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as err:
+            tar.last_header_error = err
+            raise
+
+
+class _Cut(tarfile.ReadError):
+    """The data ends where a header should be."""
+
+
+def _members(fs, path: str) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
+    """(archive, member) of a streamed tar; tarfile.ReadError unless it ends with an end-of-archive block."""
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*", tarinfo=_Header) as tar:
+        for member in tar:
+            yield tar, member
+        end = getattr(tar, "last_header_error", None)
+        if isinstance(end, tarfile.EOFHeaderError):  # a zero block ends a whole tar
+            return
+        cut = end is None or isinstance(end, (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError))
+        raise (_Cut if cut else tarfile.ReadError)(f"no end-of-archive block at byte {tar.offset}: "
+                                                   f"{end or 'end of data'}")
+
+
+def _reason(err: Exception) -> str:
+    """truncated (the data ends early) or corrupt (bytes that are no tar or compressed stream)."""
+    text = str(err).lower()
+    cut = isinstance(err, (_Cut, EOFError)) or any(c in text for c in ("unexpected end", "empty file", "truncated"))
+    return "truncated" if cut else "corrupt"
+
+
+def iter_shard(fs, path: str, decode: bool = True, damaged: list | None = None) -> Iterator[dict]:
     """Samples of one shard in order, members grouped by key (the name before the first dot).
 
-    Plain or compressed (.tar.gz, ...) tars, read as a stream."""
-    sample: dict = {}
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
+    Plain or compressed (.tar.gz, ...) tars, read as a stream. A truncated or corrupt shard
+    yields its complete samples, then raises DamagedShardError; or, when a list is passed
+    as `damaged`, appends the error there and ends (so a batching caller keeps its last batch).
+    """
+    sample, n = {}, 0
+    try:
+        for tar, member in _members(fs, path):
             key, ext = _split_name(member.name)
-            if not ext:
+            if not member.isfile() or not ext:
                 continue
             if sample and sample["__key__"] != key:
                 yield sample
-                sample = {}
+                sample, n = {}, n + 1
+            sample.setdefault("__key__", key)  # before reading: a cut inside this member loses this sample
             data = tar.extractfile(member).read()
-            sample.setdefault("__key__", key)
             sample[ext] = decode_value(ext, data) if decode else data
+    except _READ_ERRORS as err:
+        error = DamagedShardError(path, n, _reason(err), str(err) or type(err).__name__, sample.get("__key__"))
+        if damaged is None:
+            raise error from err
+        damaged.append(error)
+        return
     if sample:
         yield sample
 
 
-def read_samples(uri: str, decode: bool = True, storage_options: dict | None = None) -> Iterator[dict]:
-    """All samples of all shards under `uri`, in shard then member order."""
+def read_samples(uri: str, decode: bool = True, storage_options: dict | None = None,
+                 damaged: list | None = None) -> Iterator[dict]:
+    """All samples of all shards under `uri`, in shard then member order (`damaged`: see iter_shard)."""
     for shard in list_shards(uri, storage_options):
         fs, path = fsspec.core.url_to_fs(shard, **(storage_options or {}))
-        yield from iter_shard(fs, path, decode)
+        yield from iter_shard(fs, path, decode, damaged)

@@ -11,7 +11,10 @@ index as ASCII) or `KEY.txt` (captions, one a line) / `KEY.json` (a list of capt
 {"captions": [...]}) for retrieval; or an ImageFolder tree `split/classname/*.jpg`.
 Without classnames.txt: the ImageFolder's sorted folder names, else the paper's classes of
 `dataset_name`; without templates.txt: the paper's templates of `dataset_name`, else the
-paper's default prompt "a photo of a {c}.".
+paper's default prompt "a photo of a {c}.". A classnames.txt or templates.txt that is present
+but blank is an error, never a silent fall-back. A truncated or corrupt shard is an error
+too (`DamagedShardError`, naming the shard): an eval set is reference data, and a number
+measured on part of it would not compare with others.
 Sample `index` is the position in the split: shards sorted by name, members in tar order
 (ImageFolder: class folders sorted, files sorted) -- the dedup and overlap stages rely on it.
 """
@@ -29,6 +32,7 @@ import fsspec
 from PIL import Image
 
 from clip_core.data.webdataset_io import iter_shard
+from clip_core.errors import InputError
 from clip_core.transforms import load_image
 
 __all__ = ["EvalSet", "Sample", "load_eval_set", "iter_samples", "read_image", "read_images",
@@ -133,27 +137,46 @@ def _fs(path: str):
     return fsspec.core.url_to_fs(str(path))
 
 
+_FILL_FIX = {  # what to write into an empty prompt file
+    "templates.txt": "write one template a line with {c} for the class name, e.g. 'a photo of a {c}.', "
+                     "or delete the file to use the dataset's or the paper's default",
+    "classnames.txt": "write one class name a line, in label order",
+}
+
+
 def _read_lines(fs, path: str) -> list[str] | None:
+    """The non-blank lines of a text file; None when there is no file; an error when it has none."""
     if not fs.isfile(path):
         return None
     with fs.open(path, "r", encoding="utf-8") as f:
-        return [line.rstrip("\r\n") for line in f if line.strip()]
+        lines = [line.rstrip("\r\n") for line in f if line.strip()]
+    if not lines:
+        raise InputError(path, "has no entries (the file is empty or blank)", _FILL_FIX.get(posixpath.basename(path)))
+    return lines
+
+
+def _check_root(path: str, fs, root: str) -> None:
+    if fs.isfile(root):
+        raise InputError(path, "is a file, not an eval set folder", "pass the folder that holds test/")
+    if not fs.isdir(root):
+        raise InputError(path, "no eval set folder there", "check the path")
 
 
 def list_splits(path: str) -> tuple[str, ...]:
     """Split folder names of an eval set (e.g. ("test", "train"))."""
     fs, root = _fs(path)
-    if not fs.isdir(root):
-        raise FileNotFoundError(f"no eval set folder at {path}")
+    _check_root(path, fs, root)
     return tuple(sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False) if fs.isdir(p)))
 
 
 def _split_dir(path: str, split: str):
     fs, root = _fs(path)
+    _check_root(path, fs, root)
     folder = posixpath.join(root, split)
     if not fs.isdir(folder):
-        have = list_splits(path) if fs.isdir(root) else ()
-        raise FileNotFoundError(f"eval set {path} has no split {split!r} (splits: {', '.join(have) or 'none'})")
+        have = ", ".join(list_splits(path)) or "none"
+        raise InputError(path, f"eval set has no split {split!r} (splits: {have})",
+                         f"add a {split}/ folder of shards or images, or pick one of its splits")
     return fs, root, folder
 
 

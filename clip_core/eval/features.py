@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from clip_core.errors import InputError
 from clip_core.eval.datasets import Sample, iter_samples, read_image
 from clip_core.tokenizer import tokenize
 from clip_core.transforms import image_transform
@@ -155,9 +156,10 @@ def extract_split(model, path: str, split: str = "test", *, batch_size: int = 64
     try:
         feats = _encode_image_batches(model, batches, device, normalize)
     except ValueError as err:
-        if not seen:
-            raise ValueError(f"eval set {path}: split {split!r} is empty (no samples)") from err
-        raise
+        if seen or isinstance(err, InputError):  # e.g. a damaged shard: its own message names it
+            raise
+        raise InputError(f"eval set {path}", f"split {split!r} is empty (no samples)",
+                         "add images to the split folder") from err
     keys, labels, captions = (list(column) for column in zip(*seen))
     if all(label is not None for label in labels):
         return SplitFeatures(feats, keys, labels=np.array(labels, dtype=np.int64))

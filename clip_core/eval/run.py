@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from clip_core.errors import InputError
+from clip_core.eval.checks import check_device, check_int, check_out_folder
 from clip_core.eval.datasets import EvalSet, load_eval_set
 from clip_core.eval.linear_probe import evaluate_linear_probe
 from clip_core.eval.retrieval import evaluate_retrieval
@@ -94,14 +96,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
                             f"one weight file, or checkpoint_*/step_* folders")
 
 
+_CHECKPOINT_FIX = ("pass a model.safetensors (+ config.json) written by `clip-pipeline train`, "
+                   "an OpenAI .pt, or a training output folder")
+
+
 def load_model(checkpoint: str | Path) -> tuple[torch.nn.Module, Path]:
-    """(model in eval mode, resolved path); a weights/config mismatch raises a clear ValueError."""
+    """(model in eval mode, resolved path); a file that is no loadable CLIP raises InputError naming it."""
     resolved = resolve_checkpoint(checkpoint)
     try:
         return load_checkpoint(resolved).eval(), resolved
-    except ValueError as err:
-        what = "model.safetensors does not match config.json" if resolved.is_dir() else "cannot build a CLIP"
-        raise ValueError(f"checkpoint {resolved}: {what}: {err}") from err
+    except Exception as err:  # noqa: BLE001 -- any failure to read these bytes means a bad checkpoint file
+        if isinstance(err, InputError) and str(resolved) in str(err):
+            raise
+        what = "model.safetensors does not match config.json" if resolved.is_dir() else "cannot load a CLIP from it"
+        raise InputError(f"checkpoint {resolved}", f"{what}: {type(err).__name__}: {err}", _CHECKPOINT_FIX) from err
 
 
 def default_model_name(checkpoint: str | Path, resolved: Path) -> str:
@@ -130,8 +138,15 @@ def write_result(record: dict, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{_slug(record['dataset'])}_{_slug(record['model'])}_{record['task']}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    _write_atomic(path, json.dumps(record, indent=2) + "\n")
     return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write beside `path`, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def read_results(out_dir: str | Path) -> list[dict]:
@@ -175,7 +190,7 @@ def markdown_table(records: Sequence[dict]) -> str:
 def write_markdown(out_dir: str | Path) -> Path:
     """Rewrite out_dir/results.md from every result JSON in out_dir."""
     path = Path(out_dir) / "results.md"
-    path.write_text(markdown_table(read_results(out_dir)))
+    _write_atomic(path, markdown_table(read_results(out_dir)))
     return path
 
 
@@ -241,6 +256,10 @@ def evaluate(checkpoint: str | Path, eval_dirs: Sequence[str | Path], tasks: Seq
              model_name: str | None = None, paper_prompts: bool = False, device: str | None = None,
              progress: bool | None = None, num_workers: int = 0) -> list[dict]:
     """Run each task on each eval set of its kind; write the JSONs and results.md; return the records."""
+    check_int(batch_size, "--batch-size", 1)
+    check_int(num_workers, "--workers", 0)
+    check_out_folder(out_dir, "--out")
+    check_device(device)
     tasks = _check_tasks(tasks)
     pairs = _pairs(tasks, _open_sets(eval_dirs, dataset_names, paper_prompts))
     model, resolved = load_model(checkpoint)

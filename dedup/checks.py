@@ -1,0 +1,70 @@
+"""Checks at the door for `dedup` and `dedup train-detector` (STYLE.md 15).
+
+Every option and input folder is checked before a descriptor is built or an image decoded;
+a failure is one `InputError` naming the option or file, the problem and the fix (exit 2).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import fsspec
+
+from clip_core.errors import InputError, check
+from clip_core.eval.checks import (
+    check_device, check_finite, check_folder, check_fraction, check_int, check_out_folder,
+)
+
+
+def list_corpus_shards(corpus_uri: str, storage_options: dict | None = None) -> list[str]:
+    """The corpus's `*.tar` shards, sorted; InputError when the folder is missing or holds none."""
+    fs, root = fsspec.core.url_to_fs(str(corpus_uri), **(storage_options or {}))
+    if fs.isfile(root):
+        raise InputError(f"corpus {corpus_uri}", "is a file, not a folder", "pass the folder of WebDataset shards")
+    check(fs.isdir(root), f"corpus {corpus_uri}", "no such folder", "pass the folder `clip-pipeline crawl` wrote")
+    shards = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".tar"))
+    check(bool(shards), f"corpus {corpus_uri}", "no .tar shards (empty corpus, or not a WebDataset folder?)",
+          "pass the folder `clip-pipeline crawl` wrote")
+    return [fs.unstrip_protocol(p) for p in shards]
+
+
+def check_thresholds(thresholds: dict | None) -> dict | None:
+    """Manual thresholds {descriptor name: finite similarity}."""
+    for name, value in (thresholds or {}).items():
+        check_finite(value, f"--threshold {name}")
+    return thresholds or None
+
+
+def check_dedup_options(eval_dirs: Sequence[str], out_uri: str, *, precision: float, thresholds: dict | None,
+                        calibration_samples: int, batch_size: int, k: int, device: str, sheet_size: int,
+                        splits: Sequence[str]) -> None:
+    """Every option of `dedup`, and the eval and output folders exist as they should."""
+    check(len(eval_dirs) > 0, "--eval", "dedup needs at least one eval set folder", "pass --eval EVALDIR")
+    for root in eval_dirs:
+        check_folder(root, f"--eval {root}", "eval set folder")
+    check(len(splits) > 0 and all(splits), "--split", f"no split names in {list(splits)}", "pass --split test")
+    check_out_folder(out_uri, f"OUT {out_uri}")
+    check_fraction(precision, "--precision")
+    check_thresholds(thresholds)
+    check_int(calibration_samples, "--calibration-samples", 0 if thresholds else 1)
+    check_int(batch_size, "--batch-size", 1)
+    check_int(k, "-k", 1)
+    check_int(sheet_size, "--sheet-size", 0)
+    check_device(device)
+
+
+def check_train_detector_options(out: str, *, steps: int, batch_size: int, lr: float, image_size: int,
+                                 max_images: int, workers: int, device: str, images: str | None,
+                                 init: str | None) -> None:
+    """Every option of `dedup train-detector`."""
+    check_out_folder(out, f"OUT {out}")
+    check_int(steps, "--steps", 1)
+    check_int(batch_size, "--batch-size", 2)  # InfoNCE needs a negative
+    check(check_finite(lr, "--lr") > 0, "--lr", f"must be > 0, got {lr}", "pass --lr 2e-3")
+    check_int(image_size, "--image-size", 16)
+    check_int(max_images, "--max-images", 2)
+    check_int(workers, "--workers", 0)
+    check_device(device)
+    if images:
+        check_folder(images, f"--images {images}", "folder of images or shards")
+    if init:
+        check_folder(init, f"--init {init}", "detector folder")
