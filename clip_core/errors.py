@@ -19,6 +19,9 @@ class InputError(ValueError):
         self.where, self.problem, self.fix = where, problem, fix
         super().__init__(f"{where}: {problem}" + (f" ({fix})" if fix else ""))
 
+    def __reduce__(self):  # pickles with its fields: a worker process or a Ray task can hand it back
+        return type(self), (self.where, self.problem, self.fix)
+
 
 def check(condition: bool, where: str, problem: str, fix: str | None = None) -> None:
     """Raise InputError(where, problem, fix) unless condition holds."""

@@ -14,7 +14,8 @@ becomes a pair: the URL resolved to absolute http(s) (fragment dropped), the alt
 whitespace collapsed. Rules per link live in `extract_filters.py`.
 
 Output, OUT being any fsspec URI: `OUT/part-NNNNN.parquet` (`url`, `caption`, `uid`,
-`page_url`; each written to a temp name, then renamed) and `OUT/extract_stats.json`.
+`page_url`) and `OUT/extract_stats.json`, built in OUT/_extract_staging-<token>/ and swapped in
+at the end (`clip_core.curation.staging`): a failed run leaves the previous result whole.
 
 Duplicates: a (url, caption) pair is kept once per run, across files too, first
 occurrence in input order winning. The key is the first 64 bits of the pair's blake2b
@@ -25,9 +26,12 @@ Ray's); the driver merges in input order, so the rows do not depend on the worke
 The pool starts workers with the spawn method: a script that calls `extract` at top level
 with workers > 1 needs an `if __name__ == "__main__":` guard.
 
-Bad input is counted, never fatal: a record that is not JSON or has a short payload is
-skipped and the file read on; a truncated final gzip member ends the file after the
-records before it; a page without links is counted and skipped.
+Checked at the door, exit 2: every option, and every input being a gzip or plain WARC file
+(its first bytes): a file that is empty, not gzip or not WARC is refused by name. Bad records
+inside are counted, never fatal: a record that is not JSON or has a short payload is skipped and
+the file read on; a truncated final gzip member ends the file after the records before it; a
+page without links is counted and skipped. A file that yields no WAT metadata records (a WARC or
+WET by mistake) or ends early is counted and named in the stats' `warnings`, printed by the CLI.
 """
 from __future__ import annotations
 
@@ -39,8 +43,8 @@ import io
 import json
 import multiprocessing
 import os
+import sys
 import time
-import uuid
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -56,6 +60,8 @@ from warcio.archiveiterator import ArchiveIterator
 from warcio.exceptions import ArchiveLoadFailed
 from warcio.statusandheaders import StatusAndHeadersParserException
 
+from clip_core.curation.inputs import WAT_FIX, check, check_wat, whole_number
+from clip_core.curation.staging import StagedOutput
 from clip_core.wat_writer import IMG_PATH, _get, wat_envelope, write_wat_file, write_wat_record, write_warcinfo  # noqa: F401
 from clip_core.extract_filters import (
     DROP_REASONS, BaseUrl, PairFilter, normalize_caption, page_base, parse_extensions,
@@ -106,6 +112,7 @@ class ExtractStats:
     shards: list[str]
     seconds: float
     filters: dict
+    warnings: list[str] = field(default_factory=list)  # files that yielded nothing or ended early
 
     @property
     def pairs_per_s(self) -> float:
@@ -315,15 +322,6 @@ def _executor_for(executor, workers: int | None, n_files: int):
         yield pool
 
 
-def _write_atomic(fs, path: str, write: Callable) -> None:
-    """write(file) to a hidden temp name beside `path`, then rename it into place."""
-    parent, name = path.rsplit("/", 1)
-    tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "wb") as f:
-        write(f)
-    fs.mv(tmp, path)
-
-
 class _ShardWriter:
     """Cuts a stream of tables into `part-NNNNN.parquet` files of `shard_rows` rows."""
 
@@ -344,17 +342,16 @@ class _ShardWriter:
             self.pending, self.buffered = [rest], rest.num_rows
 
     def close(self) -> list[str]:
-        """Write the remainder (an empty shard if the run had no rows); drop stale parts."""
+        """Write the remainder (an empty shard if the run had no rows); the part names."""
         if self.buffered or not self.paths:
             self._write(pa.concat_tables(self.pending) if self.pending else SCHEMA.empty_table())
-        for stale in set(self.fs.glob(f"{self.root}/part-*.parquet")) - set(self.paths):
-            self.fs.rm(stale)
         return self.paths
 
     def _write(self, table: pa.Table) -> None:
-        path = f"{self.root}/part-{len(self.paths):05d}.parquet"
-        _write_atomic(self.fs, path, lambda f: pq.write_table(table.combine_chunks(), f))
-        self.paths.append(path)
+        name = f"part-{len(self.paths):05d}.parquet"  # in the staging folder: swapped in whole at the end
+        with self.fs.open(f"{self.root}/{name}", "wb") as f:
+            pq.write_table(table.combine_chunks(), f)
+        self.paths.append(name)
 
 
 def _drop_seen(table: pa.Table, seen: set[int]) -> pa.Table:
@@ -392,39 +389,64 @@ def extract(wat_uris: Sequence[str], out_uri: str, *, workers: int | None = None
             shard_rows: int = DEFAULT_SHARD_ROWS,
             storage_options: dict | None = None) -> ExtractStats:
     """Candidate pairs of WAT files -> OUT/part-NNNNN.parquet and OUT/extract_stats.json."""
-    if shard_rows < 1:
-        raise ValueError(f"shard_rows must be positive, got {shard_rows}")
+    check_extract_options(workers, shard_rows)
     pair_filter = PairFilter(min_caption_len, max_caption_len,
                              frozenset(languages) if languages is not None else None,
                              parse_extensions(image_extensions), language_detector)
+    output = StagedOutput(out_uri, "extract", STATS_NAME, listed_key="shards", storage_options=storage_options)
+    output.check()
+    wat_uris = [wat_uris] if isinstance(wat_uris, str) else list(wat_uris)  # one path, not its letters
+    check(bool(wat_uris), "WAT", "no WAT file given", WAT_FIX)
     uris = expand_uris(wat_uris, storage_options)
-    fs, root = fsspec.core.url_to_fs(out_uri, **(storage_options or {}))
-    fs.makedirs(root, exist_ok=True)
+    for uri in uris:
+        check_wat(uri, storage_options)
     start, seen, files = time.perf_counter(), set(), []
-    writer = _ShardWriter(fs, root.rstrip("/"), shard_rows)
     tasks = [(uri, pair_filter, storage_options) for uri in uris]
-    with _executor_for(executor, workers, len(uris)) as ex:
-        for table, stats in ex.map(_extract_task, tasks):
-            kept = _drop_seen(table, seen)
-            stats.dropped["duplicate"] += table.num_rows - kept.num_rows
-            stats.pairs_kept = kept.num_rows
-            writer.add(kept)
-            files.append(stats)
-    shards = writer.close()
-    return _finish(fs, root, files, shards, time.perf_counter() - start, pair_filter)
+    with output:
+        writer = _ShardWriter(output.fs, output.path, shard_rows)
+        with _executor_for(executor, workers, len(uris)) as ex:
+            for table, stats in ex.map(_extract_task, tasks):
+                kept = _drop_seen(table, seen)
+                stats.dropped["duplicate"] += table.num_rows - kept.num_rows
+                stats.pairs_kept = kept.num_rows
+                writer.add(kept)
+                files.append(stats)
+        shards = [_as_uri(output.fs, f"{output.out}/{name}") for name in writer.close()]  # where they end up
+        result = _finish(output.fs, output.path, files, shards, time.perf_counter() - start, pair_filter)
+        output.commit()
+    return result
+
+
+def check_extract_options(workers: int | None, shard_rows: int) -> None:
+    """InputError for a run option extract cannot honour (PairFilter checks its own)."""
+    if workers is not None:
+        whole_number("--workers", workers, why="parallel files; leave it out for all cores")
+    whole_number("--shard-rows", shard_rows, why="rows per part file")
+
+
+def _warnings(files: list[FileStats]) -> list[str]:
+    """One line per file that yielded nothing to extract from or ended early."""
+    out = []
+    for f in files:
+        if not f.records:
+            out.append(f"{f.uri}: holds no WARC records")
+        elif not f.metadata_records:
+            out.append(f"{f.uri}: holds no WAT metadata records (a WARC or WET file instead of a WAT?)")
+        if f.errors["read"] or f.errors["truncated_stream"]:
+            out.append(f"{f.uri}: ended early after {f.records} records (truncated or corrupt); the rest is lost")
+    return out
 
 
 def _finish(fs, root: str, files: list[FileStats], shards: list[str], seconds: float,
             pair_filter: PairFilter) -> ExtractStats:
-    """Sum the per-file stats and write `extract_stats.json` atomically."""
+    """Sum the per-file stats and write `extract_stats.json` under root."""
     totals = FileStats(uri="*")
     for stats in files:
         totals.add(stats)
-    result = ExtractStats(files=files, totals=totals, rows=totals.pairs_kept,
-                          shards=[_as_uri(fs, p) for p in shards],
-                          seconds=seconds, filters=pair_filter.describe())
-    text = json.dumps(result.to_dict(), indent=2).encode()
-    _write_atomic(fs, f"{root.rstrip('/')}/{STATS_NAME}", lambda f: f.write(text))
+    result = ExtractStats(files=files, totals=totals, rows=totals.pairs_kept, shards=shards,
+                          seconds=seconds, filters=pair_filter.describe(), warnings=_warnings(files))
+    with fs.open(f"{root}/{STATS_NAME}", "wb") as f:
+        f.write(json.dumps(result.to_dict(), indent=2).encode())
     return result
 
 
@@ -470,6 +492,8 @@ def run_extract_command(args: argparse.Namespace) -> int:
                         max_caption_len=args.max_caption_len, languages=args.lang,
                         image_extensions=args.ext, shard_rows=args.shard_rows)
     t = stats.totals
+    for line in stats.warnings:
+        print(f"clip-pipeline extract: warning: {line}", file=sys.stderr)
     print(f"extract: {len(stats.files)} files, {t.pages} pages, {t.img_links} img links -> "
           f"{stats.rows} pairs in {len(stats.shards)} shards ({stats.pairs_per_s:,.0f} pairs/s); "
           f"errors {sum(t.errors.values())}; stats in {args.out.rstrip('/')}/{STATS_NAME}")

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 from urllib.parse import urldefrag, urljoin, urlsplit
 
+from clip_core.curation.inputs import check, whole_number
+
 DROP_REASONS = ("empty_alt", "bad_url", "bad_scheme", "extension", "caption_short",
                 "caption_long", "language", "duplicate")
 HTTP_SCHEMES = ("http", "https")
@@ -215,8 +217,25 @@ class PairFilter:
     detector: LanguageDetector | None = None
 
     def __post_init__(self):
+        self._check()
         if self.languages is not None and self.detector is None:
             object.__setattr__(self, "detector", StopwordLanguageDetector())
+
+    def _check(self) -> None:
+        """InputError for settings that cannot work (negative lengths, empty lists, min above max)."""
+        low, high = self.min_caption_len, self.max_caption_len
+        if low is not None:
+            whole_number("--min-caption-len", low, minimum=0)
+        if high is not None:
+            whole_number("--max-caption-len", high)
+        check(low is None or high is None or low <= high, "--min-caption-len", f"{low} is above "
+              f"--max-caption-len {high}: no caption could be kept", "swap or widen them")
+        if self.languages is not None:
+            codes = sorted(map(str, self.languages))
+            check(bool(codes) and all(isinstance(c, str) and c.strip() for c in self.languages), "--lang",
+                  f"must list language codes, got {codes}", "e.g. --lang en,und")
+        check(self.image_extensions is None or bool(self.image_extensions), "--ext", "lists no extension",
+              "e.g. --ext jpg,png")
 
     def reason(self, url: str, caption: str) -> str | None:
         """Why (url, caption) is dropped, or None when it is kept."""

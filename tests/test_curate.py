@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clip_core.curation.curate import LocalExecutor, add_curate_arguments, curate, plan_shards, run_curate_command
+from clip_core.errors import InputError
 
 QUERIES = ["dog", "cat", "hot dog", "bird", "", "dog"]
 # By construction: dog matches 60 (50 "a dog" + 10 "hot dog stand"), cat 30, hot dog 10, bird 0.
@@ -64,7 +65,8 @@ def test_stats_by_construction(setup):
     assert [q["matched"] for q in per_query] == [60, 30, 10, 0, 0, 0]
     assert per_query[2]["kept"] == 10 and per_query[0]["kept"] == sum("dog" in r["caption"] for r in rows)
     assert (tmp / "out" / "curation_counts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not (tmp / "out" / "_curate_tmp").exists() and len(stats["parts"]) == stats["shards"] == 3
+    assert not [p for p in (tmp / "out").iterdir() if p.name.startswith("_curate")]  # no staging or work left
+    assert len(stats["parts"]) == stats["shards"] == 3
     assert set(rows[0]) == {"url", "caption", "source", "uid", "query_ids"}
     pair_files = sorted(p.name for p in (tmp / "out").glob("*.parquet") if not p.name.startswith("_"))
     assert pair_files == stats["parts"]  # a *.parquet glob of OUT sees the pairs only
@@ -124,8 +126,10 @@ def test_bad_input_errors(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         curate(pairs, _write_queries(tmp_path / "empty.parquet", []), str(tmp_path / "o"))
     os.makedirs(tmp_path / "none")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(InputError, match="none: holds no Parquet files"):
         plan_shards(str(tmp_path / "none"), 100)
+    with pytest.raises(InputError, match="missing.parquet: does not exist"):
+        plan_shards(str(tmp_path / "missing.parquet"), 100)
 
 
 def test_rerun_replaces_stale_parts(setup):
@@ -159,3 +163,187 @@ def test_ray_executor_gives_the_local_result(setup):
         shutil.rmtree(ray_dir, ignore_errors=True)
     assert remote["totals"] == local["totals"]
     assert _read_parts(tmp / "ray_out") == _read_parts(tmp / "local")
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+class _DiesInPassTwo(LocalExecutor):
+    """A run that fails after matching: the swap must never happen."""
+
+    def map(self, fn, items):
+        if fn.__name__ == "sample_shard":
+            raise RuntimeError("worker died in pass 2")
+        return super().map(fn, items)
+
+
+def test_failed_rerun_leaves_the_previous_result_whole(setup):
+    pairs, queries, tmp = setup
+    out = tmp / "out"
+    first = curate(pairs, queries, str(out), max_per_query=20, executor=LocalExecutor(1), shard_rows=40)
+    before = _snapshot(out)
+    pq.write_table(pa.table({"url": ["u"], "caption": [1]}), tmp / "intcap.parquet")
+    with pytest.raises(InputError, match=r"intcap.parquet: column 'caption' is int64"):
+        curate(str(tmp / "intcap.parquet"), queries, str(out), executor=LocalExecutor(1))
+    with pytest.raises(RuntimeError, match="pass 2"):
+        curate(pairs, queries, str(out), max_per_query=5, executor=_DiesInPassTwo(1))
+    with pytest.raises(InputError, match="--target-size: 1 is below"):  # known only after pass 1
+        curate(pairs, queries, str(out), target_size=1, executor=LocalExecutor(1))
+    assert _snapshot(out) == before  # parts, stats and report as the first run left them; no staging left
+    assert json.loads((out / "curation_stats.json").read_text())["totals"]["kept"] == first["totals"]["kept"]
+
+
+def test_rerun_replaces_only_what_curate_wrote(setup):
+    pairs, queries, tmp = setup
+    out = tmp / "out"
+    curate(pairs, queries, str(out), executor=LocalExecutor(1), shard_rows=10)
+    mine = {"notes.txt": b"mine", "part-7.parquet": b"mine", "sub/part-00009.parquet": b"mine"}
+    for name, data in mine.items():
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_bytes(data)
+    (out / "_curate_staging-0badc0ffee").mkdir()  # a killed run's leftover: never read as input, swept
+    pq.write_table(pa.table({"caption": ["a dog"] * 99}), out / "_curate_staging-0badc0ffee" / "part-00000.parquet")
+    stats = curate(pairs, queries, str(out), executor=LocalExecutor(1))
+    left = _snapshot(out)
+    assert sorted(n for n in left if n.startswith("part-0")) == stats["parts"] == ["part-00000.parquet"]
+    assert {n: left[n] for n in mine} == mine and not any(n.startswith("_curate_staging") for n in left)
+    for name in mine:  # not pairs: they would be read as such below
+        (out / name).unlink()
+    again = curate(str(out), queries, str(out), executor=LocalExecutor(1))  # curated pairs, curated again
+    assert again["totals"]["input_rows"] == stats["totals"]["kept"]
+
+
+def test_out_that_curate_did_not_write_is_refused(setup):
+    pairs, queries, tmp = setup
+    theirs = tmp / "extracted"
+    theirs.mkdir()
+    pq.write_table(pa.table({"url": ["u"], "caption": ["a dog"]}), theirs / "part-00000.parquet")
+    with pytest.raises(InputError, match="holds part-00000.parquet but no curation_stats.json"):
+        curate(pairs, queries, str(theirs), executor=LocalExecutor(1))
+    assert sorted(p.name for p in theirs.iterdir()) == ["part-00000.parquet"]
+    with pytest.raises(InputError, match=r"pairs-0.parquet: is a file, not a folder"):
+        curate(pairs, queries, f"{pairs}/pairs-0.parquet", executor=LocalExecutor(1))
+
+
+@pytest.mark.parametrize("option, value, problem", [
+    ("--max-per-query", "-5", "must be a whole number >= 1, got -5"),
+    ("--max-per-query", "0", "must be a whole number >= 1, got 0"),
+    ("--target-size", "0", "must be a whole number >= 1, got 0"),
+    ("--target-size", "-1", "must be a whole number >= 1, got -1"),
+    ("--seed", "-1", "must be a whole number >= 0"),
+    ("--shard-rows", "0", "must be a whole number >= 1, got 0"),
+    ("--workers", "0", "must be a whole number >= 1, got 0"),
+])
+def test_cli_numbers_are_checked_at_the_door(setup, capsys, option, value, problem):
+    from clip_core.cli import main
+
+    pairs, queries, tmp = setup
+    assert main(["curate", pairs, queries, str(tmp / "out"), option, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"clip-pipeline curate: error: {option}: {problem}")
+    assert not (tmp / "out").exists()  # nothing was started
+
+
+def test_target_size_is_at_most_the_target_or_refused(setup):
+    pairs, queries, tmp = setup
+    at_t1 = 50 / 60 + 30 / 30 + 10 * (1 - (1 - 1 / 60) * (1 - 1 / 10))  # E(kept) at t = 1: 2.98
+    for target in (2, 3, 4, 10, 39, 1000):
+        if target < at_t1:  # no t keeps at most that many: an error, not 2.98 pairs against "at most 2"
+            with pytest.raises(InputError, match=rf"--target-size: {target} is below 2.98, .* at least 3 pairs"):
+                curate(pairs, queries, str(tmp / "out"), target_size=target, executor=LocalExecutor(1))
+            continue
+        stats = curate(pairs, queries, str(tmp / "out"), target_size=target, executor=LocalExecutor(1))
+        assert stats["totals"]["expected_kept"] <= target + 1e-9
+
+
+@pytest.mark.parametrize("table, problem", [
+    ({"url": ["u"], "caption": [[1, 2]]}, r"column 'caption' is list<.*: int64>, it must be a string"),
+    ({"url": [1], "caption": ["a dog"]}, r"column 'url' is int64, it must be a string"),
+    ({"caption": ["a dog"], "uid": [[1]]}, r"column 'uid' is list<.*: int64>, it must be an integer or string"),
+    ({"url": pa.array([], pa.string()), "caption": pa.array([], pa.string())}, "holds no rows"),
+])
+def test_bad_pairs_are_refused_by_name(tmp_path, table, problem):
+    queries = _write_queries(tmp_path / "q.parquet")
+    pq.write_table(pa.table(table), tmp_path / "bad.parquet")
+    with pytest.raises(InputError, match=rf"bad.parquet: {problem}"):
+        curate(str(tmp_path / "bad.parquet"), queries, str(tmp_path / "o"), executor=LocalExecutor(1))
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_query_lists_and_unreadable_files_are_refused_by_name(setup):
+    pairs, _, tmp = setup
+    blank = _write_queries(tmp / "blank.parquet", ["", "  ", None])
+    with pytest.raises(InputError, match=r"blank.parquet: has no usable query: all 3 are blank"):
+        curate(pairs, blank, str(tmp / "o"), executor=LocalExecutor(1))
+    pq.write_table(pa.table({"query": [1, 2]}), tmp / "ints.parquet")
+    with pytest.raises(InputError, match=r"ints.parquet: column 'query' is int64, it must be a string column"):
+        curate(pairs, str(tmp / "ints.parquet"), str(tmp / "o"), executor=LocalExecutor(1))
+    (tmp / "junk.parquet").write_bytes(b"PAR1 but not really")
+    with pytest.raises(InputError, match=r"junk.parquet: is not a readable Parquet file"):
+        curate(pairs, str(tmp / "junk.parquet"), str(tmp / "o"), executor=LocalExecutor(1))
+    with pytest.raises(InputError, match=r"junk.parquet: is not a readable Parquet file"):
+        curate(str(tmp / "junk.parquet"), _write_queries(tmp / "q2.parquet"), str(tmp / "o"), executor=LocalExecutor(1))
+    assert not (tmp / "o").exists()
+
+
+def test_dictionary_encoded_columns_give_the_plain_result(tmp_path):
+    queries = _write_queries(tmp_path / "q.parquet")
+    plain = _write_pairs(tmp_path / "plain", captions=[c or "" for c in CAPTIONS])
+    table = pq.read_table(f"{plain}/pairs-0.parquet")
+    (tmp_path / "dict").mkdir()
+    pq.write_table(table.set_column(1, "caption", table["caption"].dictionary_encode())
+                   .set_column(0, "url", table["url"].dictionary_encode()), tmp_path / "dict" / "p.parquet")
+    a = curate(plain, queries, str(tmp_path / "a"), max_per_query=20, executor=LocalExecutor(1))
+    b = curate(str(tmp_path / "dict"), queries, str(tmp_path / "b"), max_per_query=20, executor=LocalExecutor(1))
+    assert a["totals"] == b["totals"] and _read_parts(tmp_path / "a") == _read_parts(tmp_path / "b")
+
+
+@pytest.fixture
+def moto_s3(monkeypatch):
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_s3_out_is_swapped_whole(setup, moto_s3):
+    import fsspec
+    import uuid
+
+    pairs, queries, tmp = setup
+    fs = fsspec.filesystem("s3", endpoint_url=moto_s3, skip_instance_cache=True)
+    bucket = f"curate-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(bucket)
+    fs.put(f"{pairs}/pairs-0.parquet", f"{bucket}/pairs/pairs-0.parquet")
+    fs.put(queries, f"{bucket}/queries.parquet")
+    fs.pipe(f"{bucket}/out/notes.txt", b"mine")
+    src, q, out = f"s3://{bucket}/pairs", f"s3://{bucket}/queries.parquet", f"s3://{bucket}/out"
+    first = curate(src, q, out, max_per_query=20, executor=LocalExecutor(1), shard_rows=40)
+    local = curate(pairs, queries, str(tmp / "local"), max_per_query=20, executor=LocalExecutor(1), shard_rows=40)
+    assert first["totals"] == local["totals"]
+
+    def listing():
+        fs.invalidate_cache()
+        return sorted(p.rsplit("/", 1)[1] for p in fs.find(f"{bucket}/out"))
+
+    assert listing() == ["_query_stats.parquet", "curation_counts.png", "curation_stats.json", "notes.txt",
+                         "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    with pytest.raises(InputError, match="--max-per-query"):
+        curate(src, q, out, max_per_query=-5, executor=LocalExecutor(1))
+    with pytest.raises(RuntimeError, match="pass 2"):
+        curate(src, q, out, max_per_query=5, executor=_DiesInPassTwo(1))
+    assert len(listing()) == 7 and json.loads(fs.cat(f"{bucket}/out/curation_stats.json"))["totals"] == first["totals"]
+    curate(src, q, out, max_per_query=20, executor=LocalExecutor(1))
+    assert listing() == ["_query_stats.parquet", "curation_counts.png", "curation_stats.json", "notes.txt",
+                         "part-00000.parquet"]

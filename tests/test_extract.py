@@ -4,10 +4,12 @@ Every expected row is built by construction; nothing is fetched or resolved (the
 hostnames are just strings).
 """
 import argparse
+import gzip
 import hashlib
 import io
 import json
 import random
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -20,6 +22,7 @@ from clip_core.extract import (
 from clip_core.extract_filters import (
     PairFilter, StopwordLanguageDetector, resolve_image_url, resolve_image_url_reference,
     split_base, url_extension)
+from clip_core.errors import InputError
 
 P1 = "https://site.example/a/b/page.html"
 P2 = "http://b.example/dir/page"
@@ -270,8 +273,10 @@ def test_shards_are_atomic_and_stale_parts_removed(wat_files, tmp_path):
         STATS_NAME] + [f"part-{i:05d}.parquet" for i in range(4)]
     rows = _read_rows(out)
     assert len(rows) == 10
+    (out / "notes.txt").write_bytes(b"a user's file: extract never removes it")
     extract(wat_files, str(out), workers=1, shard_rows=100)
     assert sorted(p.name for p in out.glob("part-*")) == ["part-00000.parquet"]
+    assert (out / "notes.txt").exists()
     assert _read_rows(out) == rows
 
 
@@ -326,3 +331,88 @@ def test_cli_ray_executor_gives_the_same_rows(wat_files, tmp_path):
         [*wat_files, str(tmp_path / "ray"), "--executor", "ray"])) == 0
     extract(wat_files, str(tmp_path / "local"), workers=1)
     assert _read_rows(tmp_path / "ray") == _read_rows(tmp_path / "local")
+
+
+def _tree(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name, data, problem", [
+    ("empty.wat.gz", b"", "is empty"),
+    ("text.wat.gz", b"hello world, not gzip", "is neither gzip nor WARC"),
+    ("gzipped.wat.gz", gzip.compress(b"just some text"), "is gzip but holds no WARC records"),
+])
+def test_a_file_that_is_not_a_wat_is_refused_by_name(wat_files, tmp_path, capsys, name, data, problem):
+    from clip_core.cli import main
+
+    (tmp_path / name).write_bytes(data)
+    assert main(["extract", *wat_files, str(tmp_path / name), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(rf"error: .*{name}: {problem}", err[0])
+    assert not (tmp_path / "out").exists()  # checked before any file was read
+
+
+def test_a_valid_file_without_wat_records_is_counted_and_warned(wat_files, tmp_path, capsys):
+    (tmp_path / "nothing.wat.gz").write_bytes(gzip.compress(b""))
+    buf = io.BytesIO()
+    w = WARCWriter(buf, gzip=True)
+    write_warcinfo(w, "a.warc.gz")
+    _write(w, E1, "response", b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n\r\n<img src=a.jpg alt=x>")
+    (tmp_path / "crawl.warc.gz").write_bytes(buf.getvalue())  # a WARC given by mistake
+    parser = argparse.ArgumentParser()
+    add_extract_arguments(parser)
+    files = [wat_files[0], str(tmp_path / "nothing.wat.gz"), str(tmp_path / "crawl.warc.gz"), wat_files[1]]
+    assert run_extract_command(parser.parse_args([*files, str(tmp_path / "out"), "--workers", "1"])) == 0
+    err = capsys.readouterr().err
+    assert "warning: " + files[1] + ": holds no WARC records" in err
+    assert "warning: " + files[2] + ": holds no WAT metadata records" in err
+    assert "warning: " + files[3] + ": ended early" in err  # the truncated final member
+    saved = json.loads((tmp_path / "out" / STATS_NAME).read_text())
+    assert len(saved["warnings"]) == 3 and saved["rows"] == 10
+    assert [f["records"] for f in saved["files"]][1:3] == [0, 2]
+
+
+@pytest.mark.parametrize("kwargs, problem", [
+    ({"workers": 0}, "--workers: must be a whole number >= 1, got 0"),
+    ({"shard_rows": 0}, "--shard-rows: must be a whole number >= 1, got 0"),
+    ({"min_caption_len": -1}, "--min-caption-len: must be a whole number >= 0"),
+    ({"max_caption_len": 0}, "--max-caption-len: must be a whole number >= 1"),
+    ({"min_caption_len": 9, "max_caption_len": 3}, "--min-caption-len: 9 is above --max-caption-len 3"),
+    ({"languages": []}, r"--lang: must list language codes, got \[\]"),
+    ({"image_extensions": [" "]}, "--ext: lists no extension"),
+])
+def test_options_are_checked_at_the_door(wat_files, tmp_path, kwargs, problem):
+    with pytest.raises(InputError, match=problem):
+        extract(wat_files, str(tmp_path / "out"), **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_rerun_leaves_the_previous_result_whole(wat_files, tmp_path):
+    out = tmp_path / "out"
+    extract(wat_files, str(out), workers=1, shard_rows=3)
+    before = _tree(out)
+
+    class DiesOnTheSecondFile:
+        def map(self, fn, items):
+            for i, item in enumerate(items):
+                if i == 1:
+                    raise RuntimeError("worker died")
+                yield fn(item)
+
+    with pytest.raises(RuntimeError, match="worker died"):
+        extract(wat_files, str(out), executor=DiesOnTheSecondFile(), shard_rows=1)
+    with pytest.raises(InputError, match="text.wat.gz: is neither gzip nor WARC"):
+        (tmp_path / "text.wat.gz").write_bytes(b"not a WAT")
+        extract([*wat_files, str(tmp_path / "text.wat.gz")], str(out), workers=1)
+    assert _tree(out) == before  # old parts and stats as they were, no staging folder left
+
+
+def test_out_extract_did_not_write_is_refused(wat_files, tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "part-00000.parquet").write_bytes(b"someone else's")
+    with pytest.raises(InputError, match="holds part-00000.parquet but no extract_stats.json"):
+        extract(wat_files, str(theirs), workers=1)
+    assert _tree(theirs) == {"part-00000.parquet": b"someone else's"}
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        extract(wat_files, wat_files[0], workers=1)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from clip_core.curation import matching
 from clip_core.curation.matching import QueryMatcher, clean_captions, load_query_list, reference_match, reference_match_many, spacing
 from clip_core.curation.wordnet import read_synsets
+from clip_core.errors import InputError
 
 WORDNET = Path("/usr/share/wordnet")
 
@@ -108,6 +109,17 @@ def test_empty_query_list_is_an_error(tmp_path):
         load_query_list(str(tmp_path / "bad.parquet"))
 
 
+def test_query_list_with_nothing_matchable_is_refused_by_name(tmp_path):
+    pq.write_table(pa.table({"query": ["", "  ", None, "a\tb"]}), tmp_path / "blank.parquet")
+    with pytest.raises(InputError, match=r"blank.parquet: has no usable query: all 4 are blank or hold a tab"):
+        load_query_list(str(tmp_path / "blank.parquet"))
+    pq.write_table(pa.table({"query": [["dog"]]}), tmp_path / "lists.parquet")
+    with pytest.raises(InputError, match=r"lists.parquet: column 'query' is list<.*>, it must be a string column"):
+        load_query_list(str(tmp_path / "lists.parquet"))
+    pq.write_table(pa.table({"query": ["", "dog"]}), tmp_path / "one.parquet")
+    assert load_query_list(str(tmp_path / "one.parquet"))[0] == ["", "dog"]  # one usable query is enough
+
+
 def test_chunked_batches_and_pickle_give_the_same_matches(monkeypatch):
     queries = ["red", "red car", "car", "blue sky", "sky"]
     captions = [f"a red car under a blue sky {i}" if i % 3 else None for i in range(500)]
@@ -126,6 +138,8 @@ def test_clean_captions_counts_bad_input():
     assert counts["invalid_utf8"] == 1 and as_string[4].as_py() == "bad \ufffd\ufffd bytes"
     with pytest.raises(TypeError, match="caption"):
         clean_captions(pa.array([1, 2]))
+    encoded, counts = clean_captions(pa.array(["dog", None, "dog"]).dictionary_encode())
+    assert encoded.to_pylist() == ["dog", "", "dog"] and counts["null_caption"] == 1
 
 
 ALPHABET = st.sampled_from(list("ab A,.;:?!`\t\n\r-'é😀İß") + ["  ", "ab", "a b"])

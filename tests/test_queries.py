@@ -18,6 +18,7 @@ from clip_core.curation.queries import (
     reduce_partition, run_queries_command, words,
 )
 from clip_core.curation.wordnet import parse_data_line, read_synsets, wordnet_queries
+from clip_core.errors import InputError
 
 WORDNET = Path("/usr/share/wordnet")
 # By hand: N = 62 word tokens; dog 21, hot 11, the/ate/a 10; each bigram of line one 10, "dog hot" 1.
@@ -95,9 +96,10 @@ def test_byte_range_chunks_read_every_line_once(tmp_path):
 
 
 def test_parquet_corpus_and_missing_column(tmp_path):
-    pq.write_table(pa.table({"text": ["hot dog stand"] * 30 + [None]}), tmp_path / "c.parquet", row_group_size=7)
+    pq.write_table(pa.table({"text": ["hot dog stand"] * 30 + [None, ""]}), tmp_path / "c.parquet", row_group_size=7)
     out = str(tmp_path / "q.parquet")
-    build_queries([str(tmp_path)], out, min_count=30, min_pmi=-100, executor=LocalExecutor(1))
+    stats = build_queries([str(tmp_path)], out, min_count=30, min_pmi=-100, executor=LocalExecutor(1))
+    assert stats["empty_texts"] == 2  # skipped, and counted
     assert [r["query"] for r in pq.read_table(out).to_pylist()] == ["dog", "hot", "stand", "dog stand", "hot dog"]
     with pytest.raises(ValueError, match="text"):
         build_queries([str(tmp_path / "c.parquet")], out, text_column="body", executor=LocalExecutor(1))
@@ -156,3 +158,67 @@ def test_cli_runs_build_queries(tmp_path, capsys):
     args = parser.parse_args([str(tmp_path / "c.txt"), str(tmp_path / "q.parquet"), "--min-count", "10", "--workers", "1"])
     assert run_queries_command(args) == 0
     assert '"n_queries": 5' in capsys.readouterr().out
+
+
+def _no_work_left(folder):
+    return not [p for p in Path(folder).iterdir() if ".work-" in p.name]
+
+
+def test_bad_corpus_files_are_refused_by_name(tmp_path):
+    out = str(tmp_path / "q.parquet")
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "ints.parquet")
+    pq.write_table(pa.table({"text": [["a"], ["b"]]}), tmp_path / "lists.parquet")
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    for name, problem in (("ints.parquet", "column 'text' is int64, it must be a string column"),
+                          ("lists.parquet", "column 'text' is list<.*>, it must be a string column"),
+                          ("junk.parquet", "is not a readable Parquet file: Parquet magic bytes"),
+                          ("gone.txt", "does not exist")):
+        with pytest.raises(InputError, match=rf"{name}: {problem}"):
+            build_queries([str(tmp_path / name)], out, executor=LocalExecutor(1))
+    (tmp_path / "bad.txt.gz").write_bytes(b"plain text, not gzip")  # found out by the worker reading it
+    with pytest.raises(InputError, match=r"bad.txt.gz: is not a readable text file: Not a gzipped file"):
+        build_queries([str(tmp_path / "bad.txt.gz")], out, executor=LocalExecutor(1))
+    assert not Path(out).exists() and _no_work_left(tmp_path)
+
+
+def test_options_and_out_are_checked_before_any_work(tmp_path):
+    (tmp_path / "c.txt").write_text(CORPUS)
+    corpus, out = [str(tmp_path / "c.txt")], str(tmp_path / "q.parquet")
+    bad = [({"min_count": 0}, "--min-count: must be a whole number >= 1"),
+           ({"min_pmi": float("nan")}, "--min-pmi: must be a finite number, got nan"),
+           ({"min_bigram_count": -1}, "--min-bigram-count: must be a whole number >= 1"),
+           ({"wordnet_lemmas": "some"}, "--wordnet-lemmas: must be all or head"),
+           ({"wordnet_dir": str(tmp_path)}, "--wordnet: .* lacks data.noun"),
+           ({"partitions": 0}, "partitions: must be a whole number >= 1")]
+    for kwargs, problem in bad:
+        with pytest.raises(InputError, match=problem):
+            build_queries(corpus, out, executor=LocalExecutor(1), **kwargs)
+    with pytest.raises(InputError, match="CORPUS: no source of queries was given"):
+        build_queries([], out, executor=LocalExecutor(1))
+    with pytest.raises(InputError, match="is a folder; OUT is the query list file to write"):
+        build_queries(corpus, str(tmp_path), executor=LocalExecutor(1))
+    with pytest.raises(InputError, match="--workers: must be a whole number >= 1, got 0"):
+        LocalExecutor(0)
+    assert not Path(out).exists() and _no_work_left(tmp_path)
+
+
+def test_corpus_folder_listing_skips_hidden_and_underscore_names(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "c.txt").write_text(CORPUS)
+    (tmp_path / "corpus" / "_SUCCESS").write_text("not text")
+    (tmp_path / "corpus" / "_q.parquet.work-dead").mkdir()  # a killed run's work folder
+    pq.write_table(pa.table({"key": ["x"]}), tmp_path / "corpus" / "_q.parquet.work-dead" / "s.parquet")
+    rows, _ = _build(tmp_path / "flat", CORPUS, min_count=10, min_pmi=-100)
+    out = str(tmp_path / "q.parquet")
+    build_queries([str(tmp_path / "corpus")], out, min_count=10, min_pmi=-100, executor=LocalExecutor(1))
+    assert pq.read_table(out).to_pylist() == rows
+
+
+def test_cli_warns_when_no_query_passes_the_floors(tmp_path, capsys):
+    (tmp_path / "c.txt").write_text(CORPUS)
+    parser = argparse.ArgumentParser()
+    add_queries_arguments(parser)
+    args = parser.parse_args([str(tmp_path / "c.txt"), str(tmp_path / "q.parquet"), "--min-count", "1000",
+                              "--workers", "1"])
+    assert run_queries_command(args) == 0
+    assert "holds no query" in capsys.readouterr().err

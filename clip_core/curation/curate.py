@@ -3,14 +3,17 @@ the substring-match / count / balance stages of `metaclip/curation/curate.py`).
 
 Two per-shard maps around one small reduce (DESIGN.md, Scale):
   pass 1  match each shard's captions and write the per-row match counts and query ids as raw
-          int32 files under OUT/_curate_tmp: pass 2 reads them back (a few ns a row) instead of
+          int32 files under the staging folder: pass 2 reads them back (a few ns a row) instead of
           matching again (~2.5 us a caption), and raw files cost ~1/40 of a Parquet list column
           to write; per-query counts go beside them as a sparse .npz, and the sampled query
           lists that `--target-size` needs come back with the result (balance.py);
   reduce  sum the counts (uint64), fix t (given, or solved), p_q = min(1, t / count_q);
-  pass 2  draw per (seed, uid, query) and write OUT/part-NNNNN.parquet: every input column plus
+  pass 2  draw per (seed, uid, query) and write part-NNNNN.parquet: every input column plus
           `query_ids: list<int32>`, written under a temporary name and renamed.
-Then OUT/curation_stats.json, OUT/_query_stats.parquet and OUT/curation_counts.png. A shard is a
+Then curation_stats.json, _query_stats.parquet and curation_counts.png. Everything is built in
+OUT/_curate_staging-<token>/ and swapped into OUT at the end (staging.py): a run that fails, on bad
+input or otherwise, leaves the previous complete result in OUT as it was. Options, the query list,
+the pairs' schemas and OUT are checked before any work (inputs.py). A shard is a
 run of row groups of one input file (about shard_rows rows); a worker holds one batch of
 batch_rows rows plus its shard's matched query ids (4 bytes each), whatever the corpus size.
 Output rows do not depend on shards, executor or worker count.
@@ -21,6 +24,7 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import multiprocessing
 import os
 import posixpath
@@ -38,9 +42,16 @@ from clip_core.curation.balance import (
     count_to_prob, expected_size, in_sample, keep_mask, keep_probability, row_keys, solve_t,
 )
 from clip_core.curation.matching import DEFAULT_MAX_CHARS, QueryMatcher, clean_captions, load_query_list
-from clip_core.curation.plot import summarize, write_report
+from clip_core.curation.inputs import (
+    PAIRS_FIX, as_uri, check_column, check_exists, hidden, parquet_errors, parquet_metadata,
+    whole_number,
+)
+from clip_core.curation.plot import PLOT_NAME, QUERY_STATS_NAME, STATS_NAME, summarize, write_report
+from clip_core.curation.staging import StagedOutput
+from clip_core.errors import InputError
 
 QUERY_IDS = pa.field("query_ids", pa.list_(pa.int32()))
+KEY_COLUMNS = ("url", "caption", "uid")  # read as plain arrays (dictionary-encoded ones decoded)
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,8 @@ class LocalExecutor:
     (so pass 2 reuses pass 1's processes); close() or `with` ends the pool."""
 
     def __init__(self, workers: int | None = None):
+        if workers is not None:
+            whole_number("--workers", workers, why="worker processes; leave it out for all cores")
         self.workers = workers or os.cpu_count() or 1
         self._pool = None
 
@@ -82,26 +95,41 @@ class LocalExecutor:
 
 
 def list_parquet(uris: str | list[str]) -> list[str]:
-    """Parquet files named by URIs (files or folders, any fsspec protocol), sorted per folder."""
+    """Parquet files named by URIs (files or folders, any fsspec protocol), sorted per folder.
+
+    Under a folder, files and folders named "_..." or "..." are skipped: markers, reports and
+    the staging folders of a run in progress or killed (curating a curated folder again works)."""
     files = []
     for uri in [uris] if isinstance(uris, str) else uris:
+        check_exists(uri, PAIRS_FIX)
         fs, path = fsspec.core.url_to_fs(uri)
-        found = [p for p in sorted(fs.find(path)) if p.endswith(".parquet")] if fs.isdir(path) else [path]
-        files += [fs.unstrip_protocol(p) for p in found if not posixpath.basename(p).startswith((".", "_"))]
+        if not fs.isdir(path):
+            files.append(uri)
+            continue
+        root = path.rstrip("/")
+        found = [p for p in sorted(fs.find(root)) if p.endswith(".parquet")]
+        files += [as_uri(fs, p) for p in found if not hidden(p[len(root):])]
     if not files:
-        raise FileNotFoundError(f"no Parquet files under {uris}")
+        raise InputError(" ".join([uris] if isinstance(uris, str) else uris), "holds no Parquet files", PAIRS_FIX)
     return files
 
 
-def plan_shards(uris: str | list[str], shard_rows: int, required: str = "caption") -> list[Shard]:
-    """Shards of about shard_rows rows from whole row groups; checks the caption column."""
+def check_pairs_schema(uri: str, schema: pa.Schema) -> None:
+    """InputError unless caption is text and url / uid (when present) can key the draws."""
+    check_column(uri, schema, "caption", "text", PAIRS_FIX)
+    check_column(uri, schema, "url", "text", PAIRS_FIX, required=False)
+    check_column(uri, schema, "uid", "key", "uid must be an integer or string id per pair; drop the column "
+                 "to key pairs by url and caption", required=False)
+
+
+def plan_shards(uris: str | list[str], shard_rows: int) -> list[Shard]:
+    """Shards of about shard_rows rows from whole row groups; checks each file's columns first."""
     shards = []
     for uri in list_parquet(uris):
-        with fsspec.open(uri, "rb") as f:
-            meta = pq.ParquetFile(f).metadata
-        names = meta.schema.to_arrow_schema().names
-        if required not in names:
-            raise ValueError(f"{uri} has no '{required}' column (columns: {names})")
+        meta = parquet_metadata(uri, PAIRS_FIX)
+        with parquet_errors(uri, PAIRS_FIX):
+            schema = meta.schema.to_arrow_schema()
+        check_pairs_schema(uri, schema)
         groups, rows = [], 0
         for g in range(meta.num_row_groups):
             groups.append(g)
@@ -129,11 +157,32 @@ def atomic_parquet(uri: str, schema: pa.Schema, **options):
 
 
 def _batches(shard: Shard, batch_rows: int, columns: list[str] | None = None):
-    with fsspec.open(shard.uri, "rb") as f:
+    """The shard's record batches, url / caption / uid decoded; errors name the file."""
+    with parquet_errors(shard.uri, PAIRS_FIX), fsspec.open(shard.uri, "rb") as f:
         pf = pq.ParquetFile(f)
         if shard.row_groups:
-            yield from pf.iter_batches(batch_rows, row_groups=list(shard.row_groups), columns=columns,
-                                       use_threads=False)
+            for batch in pf.iter_batches(batch_rows, row_groups=list(shard.row_groups), columns=columns,
+                                         use_threads=False):
+                yield _decode_keys(batch)
+
+
+def _decode_keys(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Dictionary-encoded url / caption / uid as plain arrays (what matching and hashing take)."""
+    if not any(pa.types.is_dictionary(batch.schema.field(n).type) for n in KEY_COLUMNS if n in batch.schema.names):
+        return batch
+    columns = [c.dictionary_decode() if n in KEY_COLUMNS and pa.types.is_dictionary(c.type) else c
+               for n, c in zip(batch.schema.names, batch.columns)]
+    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
+
+
+def _read_schema(uri: str) -> pa.Schema:
+    with parquet_errors(uri, PAIRS_FIX), fsspec.open(uri, "rb") as f:
+        schema = pq.read_schema(f)
+    for name in KEY_COLUMNS:  # as _decode_keys hands the batches over
+        if name in schema.names and pa.types.is_dictionary(schema.field(name).type):
+            field = schema.field(name)
+            schema = schema.set(schema.get_field_index(name), field.with_type(field.type.value_type))
+    return schema
 
 
 @functools.lru_cache(maxsize=2)  # one matcher per worker process, keyed by the list's content
@@ -149,8 +198,7 @@ def match_shard(task: dict) -> dict:
     """Pass 1 on one shard: per-row match lists (raw int32 files), sparse counts, a sample."""
     shard, matcher = task["shard"], cached_matcher(task["queries_uri"], task["digest"], task["case_sensitive"])
     matched_ids, stats, sample = [], Counter(), ([], [])
-    with fsspec.open(shard.uri, "rb") as f:
-        names = pq.read_schema(f).names
+    names = _read_schema(shard.uri).names
     columns = ["caption"] + [c for c in ("uid", "url") if c in names and task["sample_rate"]]
     with fsspec.open(_tmp(task, "lengths", shard), "wb") as lengths_file, \
             fsspec.open(_tmp(task, "ids", shard), "wb") as ids_file:
@@ -179,14 +227,13 @@ def sample_shard(task: dict) -> dict:
     with fsspec.open(task["probs_uri"], "rb") as f:
         probs = np.load(f)
     kept_ids, kept, expected = [], 0, 0.0
-    with fsspec.open(shard.uri, "rb") as f:
-        schema = pq.read_schema(f)
+    schema = _read_schema(shard.uri)
     if "query_ids" in schema.names:  # curating curated pairs again: replace their query_ids
         schema = schema.remove(schema.get_field_index("query_ids"))
     schema = schema.append(QUERY_IDS)
     with fsspec.open(_tmp(task, "lengths", shard), "rb") as lengths_file, \
             fsspec.open(_tmp(task, "ids", shard), "rb") as ids_file, \
-            atomic_parquet(_part_uri(task["out_uri"], shard), schema, **_output_options(schema)) as writer:
+            atomic_parquet(_part_uri(task["work_uri"], shard), schema, **_output_options(schema)) as writer:
         for batch in _batches(shard, task["batch_rows"]):
             lengths = _read_int32(lengths_file, len(batch))
             ids = _read_int32(ids_file, int(lengths.sum()))
@@ -226,7 +273,7 @@ def _output_options(schema: pa.Schema) -> dict:
 
 
 def _tmp(task: dict, kind: str, shard: Shard, ext: str = ".i32") -> str:
-    return f"{task['out_uri'].rstrip('/')}/_curate_tmp/{kind}-{shard.index:05d}{ext}"
+    return f"{task['work_uri']}/_tmp/{kind}-{shard.index:05d}{ext}"
 
 
 def _part_uri(out_uri: str, shard: Shard) -> str:
@@ -247,47 +294,83 @@ def _sum_sparse(uris: list[str], n: int) -> np.ndarray:
     return total
 
 
+def check_curate_options(max_per_query: int, target_size: int | None, seed: int, shard_rows: int,
+                         batch_rows: int = 16384, max_chars: int = DEFAULT_MAX_CHARS, sample_size: int = 1) -> None:
+    """InputError for a number curation cannot honour; runs before any file is read."""
+    whole_number("--max-per-query", max_per_query, why="it is t, the most pairs kept per query; WIT used 20000")
+    if target_size is not None:
+        whole_number("--target-size", target_size, why="the most pairs to keep in all, in expectation")
+    whole_number("--seed", seed, minimum=0, maximum=2**64 - 1, why="the seed of the balancing draws")
+    whole_number("--shard-rows", shard_rows, why="rows per unit of work")
+    for name, value in (("batch_rows", batch_rows), ("max_chars", max_chars), ("sample_size", sample_size)):
+        whole_number(name, value)
+
+
 def curate(pairs_uris: str | list[str], queries_uri: str, out_uri: str, *, max_per_query: int = 20000,
            target_size: int | None = None, seed: int = 0, case_sensitive: bool = True, executor=None,
            shard_rows: int = 250_000, batch_rows: int = 16384, max_chars: int = DEFAULT_MAX_CHARS,
            sample_size: int = 1_000_000, keep_temp: bool = False) -> dict:
-    """Match, count, balance and write curated pairs under out_uri; return the stats dict."""
+    """Match, count, balance and write curated pairs under out_uri; return the stats dict.
+
+    Every check comes first; the result is built aside and swapped into out_uri at the end."""
+    check_curate_options(max_per_query, target_size, seed, shard_rows, batch_rows, max_chars, sample_size)
+    output = StagedOutput(out_uri, "curate", STATS_NAME, outputs=(QUERY_STATS_NAME, PLOT_NAME),
+                          legacy=("_curate_tmp",))
+    output.check()
     queries, digest = load_query_list(queries_uri)
     shards = plan_shards(pairs_uris, shard_rows)
-    fs, out = fsspec.core.url_to_fs(out_uri)
-    fs.makedirs(out, exist_ok=True)
-    for stale in fs.glob(f"{out}/part-*.parquet") + fs.glob(f"{out}/_curate_tmp"):
-        fs.rm(stale, recursive=True)  # an earlier run's parts would silently join this corpus
-    fs.makedirs(f"{out}/_curate_tmp", exist_ok=True)
     total_rows = sum(s.num_rows for s in shards)
-    rate = min(1.0, sample_size / max(total_rows, 1)) if target_size is not None else 0.0
-    base = {"queries_uri": queries_uri, "digest": digest, "case_sensitive": case_sensitive, "out_uri": out_uri,
+    if not total_rows:
+        raise InputError(" ".join([pairs_uris] if isinstance(pairs_uris, str) else pairs_uris),
+                         "holds no rows: nothing to curate", PAIRS_FIX)
+    rate = min(1.0, sample_size / total_rows) if target_size is not None else 0.0
+    base = {"queries_uri": queries_uri, "digest": digest, "case_sensitive": case_sensitive, "work_uri": output.uri,
             "batch_rows": batch_rows, "max_chars": max_chars, "sample_rate": rate, "seed": seed}
+    with output:
+        stats = _run_passes(base, shards, len(queries), max_per_query, target_size, executor)
+        output.commit(keep_work=keep_temp)
+    return stats
+
+
+def _run_passes(base: dict, shards: list[Shard], n_queries: int, max_per_query: int, target_size: int | None,
+                executor) -> dict:
+    """Pass 1, the reduce, pass 2 and the report, all written under base["work_uri"]; the stats."""
     owned, executor = executor is None, executor or LocalExecutor()
     try:
         first = executor.map(match_shard, [{**base, "shard": s} for s in shards])
-        counts = _sum_sparse([_tmp(base, "counts", s, ".npz") for s in shards], len(queries))
+        counts = _sum_sparse([_tmp(base, "counts", s, ".npz") for s in shards], n_queries)
         empty = [np.zeros(0, np.int32)]
         offsets = np.concatenate([[0], np.cumsum(np.concatenate([r["sample_lengths"] for r in first] or empty))])
         sample_ids = np.concatenate([r["sample_ids"] for r in first] or empty)
-        t = max_per_query if target_size is None else solve_t(counts, offsets, sample_ids, target_size, rate)
-        probs_uri = f"{out_uri.rstrip('/')}/_curate_tmp/entry_prob.npy"
+        t = _choose_t(counts, offsets, sample_ids, max_per_query, target_size, base["sample_rate"])
+        probs_uri = f"{base['work_uri']}/_tmp/entry_prob.npy"
         with fsspec.open(probs_uri, "wb") as f:
             np.save(f, count_to_prob(counts, t))
         second = executor.map(sample_shard, [{**base, "shard": s, "probs_uri": probs_uri} for s in shards])
     finally:
         if owned:
             executor.close()
-    kept = _sum_sparse([_tmp(base, "kept", s, ".npz") for s in shards], len(queries))
+    kept = _sum_sparse([_tmp(base, "kept", s, ".npz") for s in shards], n_queries)
     settings = {k: base[k] for k in ("seed", "case_sensitive", "max_chars", "queries_uri", "sample_rate")}
-    parts = [(posixpath.basename(_part_uri(out_uri, s)), s.num_rows) for s in shards]
+    parts = [(posixpath.basename(_part_uri(base["work_uri"], s)), s.num_rows) for s in shards]
     settings |= {"max_per_query": max_per_query, "target_size": target_size}
     stats = summarize(settings, counts, int(t), first, second, parts)
+    rate = base["sample_rate"]
     stats["totals"]["estimated_kept"] = expected_size(offsets, sample_ids, counts, t, rate) if rate else None
-    write_report(out_uri, queries_uri, counts, kept, int(t), stats)
-    if not keep_temp:
-        fs.rm(f"{out}/_curate_tmp", recursive=True)
+    write_report(base["work_uri"], base["queries_uri"], counts, kept, int(t), stats)
     return stats
+
+
+def _choose_t(counts: np.ndarray, offsets: np.ndarray, sample_ids: np.ndarray, max_per_query: int,
+              target_size: int | None, rate: float) -> int:
+    """t as given, or the largest t whose expected size is at most target_size (InputError if none)."""
+    if target_size is None:
+        return max_per_query
+    smallest = expected_size(offsets, sample_ids, counts, 1, rate)
+    if smallest > target_size:  # solve_t would return t = 1 and keep more than asked: "at most" fails
+        raise InputError("--target-size", f"{target_size} is below {smallest:,.2f}, the expected size at the "
+                         "smallest t, 1 pair per query", f"ask for at least {math.ceil(round(smallest, 6))} pairs")
+    return solve_t(counts, offsets, sample_ids, target_size, rate)
 
 
 def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -308,6 +391,9 @@ def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_curate_command(args: argparse.Namespace) -> int:
     """Run `clip-pipeline curate` and print the totals."""
+    check_curate_options(args.max_per_query, args.target_size, args.seed, args.shard_rows)  # before any executor
+    if args.workers is not None:
+        whole_number("--workers", args.workers, why="worker processes; leave it out for all cores")
     if args.executor == "ray":
         from flows.executors import RayExecutor
         executor = RayExecutor(address=args.ray_address, num_cpus=args.workers)

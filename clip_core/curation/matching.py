@@ -34,9 +34,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from clip_core.curation.inputs import check, check_column, check_exists, parquet_errors
+
 SPACED_PUNCTUATION = ",.;:?!`"
 SPACED_WHITESPACE = "\t\n\r"
 DEFAULT_MAX_CHARS = 4096
+QUERIES_FIX = "give the query list `clip-pipeline queries` writes: a string column query, one query a row"
 CHUNK_BYTES = 1 << 19  # raw caption bytes per numpy pass: keeps the working set in cache
 _BASES = (0x9E3779B97F4A7C15, 0xD6E8FEB86659FD93, 0xC2B2AE3D27D4EB4F)  # odd: invertible mod 2^64
 _MIX = np.uint64(0xBF58476D1CE4E5B9)
@@ -75,22 +78,30 @@ def reference_match_many(captions: Sequence[str | None], queries: Sequence[str |
 
 
 def load_query_list(uri: str) -> tuple[list[str | None], str]:
-    """The `query` column of a query-list Parquet and a digest of its content."""
-    with fsspec.open(uri, "rb") as f:
-        table = pq.read_table(f)
-    if "query" not in table.column_names:
-        raise ValueError(f"query list {uri} has no 'query' column (columns: {table.column_names})")
-    queries = table.column("query").to_pylist()
-    if not queries:
-        raise ValueError(f"query list {uri} is empty: nothing could ever match")
+    """The `query` column of a query-list Parquet and a digest of its content; InputError if unusable."""
+    check_exists(uri, QUERIES_FIX)
+    with parquet_errors(uri, QUERIES_FIX), fsspec.open(uri, "rb") as f:
+        schema = pq.read_schema(f)
+        check_column(uri, schema, "query", "string", QUERIES_FIX)
+        queries = pq.read_table(f, columns=["query"]).column("query").to_pylist()
+    check(bool(queries), uri, "is empty: nothing could ever match", QUERIES_FIX)
+    check(any(_usable(q) for q in queries), uri, f"has no usable query: all {len(queries)} are blank or hold "
+          "a tab or newline, so nothing could ever match", QUERIES_FIX)
     digest = hashlib.sha256("\n".join(q or "" for q in queries).encode("utf-8", "replace")).hexdigest()
     return queries, digest
+
+
+def _usable(query: str | None) -> bool:
+    """A query QueryMatcher keeps (first of duplicates aside): non-blank, no tab/newline/CR."""
+    return query is not None and bool(query.strip()) and not any(c in query for c in SPACED_WHITESPACE)
 
 
 def clean_captions(column: pa.Array | pa.ChunkedArray,
                    max_chars: int = DEFAULT_MAX_CHARS) -> tuple[pa.StringArray, dict[str, int]]:
     """Valid UTF-8 strings capped at max_chars; NULL -> "", bad bytes -> U+FFFD; counts by reason."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
     if pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type):
         arr = arr.cast(pa.string() if pa.types.is_large_string(arr.type) else pa.binary())
     counts = {"null_caption": arr.null_count, "empty_caption": 0, "invalid_utf8": 0, "truncated": 0}

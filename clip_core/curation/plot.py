@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from clip_core.curation.balance import count_to_prob
 
 SKIP_REASONS = ("null_caption", "empty_caption", "no_match", "not_sampled")
+STATS_NAME, QUERY_STATS_NAME, PLOT_NAME = "curation_stats.json", "_query_stats.parquet", "curation_counts.png"
 
 
 def summarize(settings: dict, counts: np.ndarray, t: int, first: list[dict], second: list[dict],
@@ -38,26 +39,26 @@ def summarize(settings: dict, counts: np.ndarray, t: int, first: list[dict], sec
                    "expected_kept": sum(r["expected"] for r in second), "sample_rate": settings["sample_rate"]},
         "skipped": skipped, "repaired": {k: int(totals[k]) for k in ("invalid_utf8", "truncated")},
         "shards": len(parts), "parts": [name for name, _ in parts],
-        "files": {"query_stats": "_query_stats.parquet", "plot": "curation_counts.png"},
+        "files": {"query_stats": QUERY_STATS_NAME, "plot": PLOT_NAME},
     }
 
 
 def write_report(out_uri: str, queries_uri: str, counts: np.ndarray, kept: np.ndarray, t: int, stats: dict) -> None:
-    """Write _query_stats.parquet, curation_stats.json (with the top queries) and the PNG."""
+    """Write _query_stats.parquet, the PNG and curation_stats.json (with the top queries), the marker last."""
     with fsspec.open(queries_uri, "rb") as f:
         table = pq.read_table(f)
     kinds = table.column("kind") if "kind" in table.column_names else pa.nulls(len(table), pa.string())
     root = out_uri.rstrip("/")
-    with fsspec.open(f"{root}/_query_stats.parquet", "wb") as f:
+    with fsspec.open(f"{root}/{QUERY_STATS_NAME}", "wb") as f:
         pq.write_table(pa.table({"query": table.column("query"), "kind": kinds, "matched": counts, "kept": kept,
                                  "prob": count_to_prob(counts, t)}), f)
     top = np.argsort(-counts.astype(np.float64), kind="stable")[:20]
     names = table.column("query").take(top).to_pylist()
     stats["top_queries"] = [{"id": int(i), "query": q, "matched": int(counts[i]), "kept": int(kept[i])}
                             for i, q in zip(top, names) if counts[i]]
-    with fsspec.open(f"{root}/curation_stats.json", "w") as f:
+    plot_counts(counts, kept, t, f"{root}/{PLOT_NAME}")
+    with fsspec.open(f"{root}/{STATS_NAME}", "w") as f:
         json.dump(stats, f, indent=2)
-    plot_counts(counts, kept, t, f"{root}/curation_counts.png")
 
 
 def plot_counts(matched: np.ndarray, kept: np.ndarray, t: float, out_uri: str) -> str:

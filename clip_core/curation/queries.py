@@ -28,7 +28,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import posixpath
 import re
+import sys
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -42,7 +44,11 @@ import pyarrow.parquet as pq
 
 from clip_core.curation.balance import hash_strings
 from clip_core.curation.curate import LocalExecutor, atomic_parquet
-from clip_core.curation.wordnet import wordnet_queries
+from clip_core.curation.inputs import (
+    as_uri, check, check_column, check_exists, finite_number, hidden, parquet_metadata,
+    read_errors, whole_number,
+)
+from clip_core.curation.wordnet import check_wordnet, wordnet_queries
 
 WORD = r"\w+(?:['’\-]\w+)*"
 _WORDS = re.compile(WORD)
@@ -51,6 +57,7 @@ _DEAD = re.compile(r"[^ ][,.;:?!`]|[,.;:?!`][^ ]")  # a spaced punctuation mark 
 KINDS = ("unigram", "bigram", "title", "synset")
 SCHEMA = pa.schema([("query", pa.string()), ("kind", pa.string()), ("count", pa.int64())])
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+CORPUS_FIX = "give UTF-8 text files (optionally compressed) or Parquet with a string text column"
 
 
 @dataclass(frozen=True)
@@ -78,16 +85,22 @@ def is_matchable(query: str) -> bool:
     return bool(query.strip()) and not _DEAD.search(f" {query} ") and not re.search(r"[\t\n\r]", query)
 
 
-def plan_chunks(uris: list[str], chunk_bytes: int = 64 << 20) -> list[Chunk]:
-    """Chunks of every file under uris (files or folders): byte ranges, row groups, whole files."""
+def plan_chunks(uris: list[str], chunk_bytes: int = 64 << 20, text_column: str = "text") -> list[Chunk]:
+    """Chunks of every file under uris (files or folders; "_..." / "..." names skipped): byte ranges,
+    row groups, whole files. InputError for a missing path or a Parquet file without a string text_column."""
     chunks = []
     for uri in uris:
+        check_exists(uri, CORPUS_FIX)
         fs, path = fsspec.core.url_to_fs(uri)
-        for p in sorted(fs.find(path)) if fs.isdir(path) else [path]:
-            full = fs.unstrip_protocol(p)
+        root = path.rstrip("/")
+        files = [p for p in sorted(fs.find(root)) if not hidden(p[len(root):])] if fs.isdir(path) else [path]
+        check(bool(files), uri, "holds no files", CORPUS_FIX)
+        for p in files:
+            full = as_uri(fs, p)
             if p.endswith(".parquet"):
-                with fs.open(p, "rb") as f:
-                    chunks += [Chunk(full, row_groups=(g,)) for g in range(pq.ParquetFile(f).num_row_groups)]
+                meta = parquet_metadata(full, CORPUS_FIX)
+                check_column(full, meta.schema.to_arrow_schema(), text_column, "string", CORPUS_FIX)
+                chunks += [Chunk(full, row_groups=(g,)) for g in range(meta.num_row_groups)]
             elif p.endswith(_COMPRESSED):
                 chunks.append(Chunk(full))
             else:
@@ -98,13 +111,18 @@ def plan_chunks(uris: list[str], chunk_bytes: int = 64 << 20) -> list[Chunk]:
 
 def iter_texts(chunk: Chunk, text_column: str = "text") -> Iterator[str]:
     """Lines of a text chunk (those starting inside it) or texts of a Parquet row group."""
+    what = "Parquet file" if chunk.row_groups else "text file"
+    with read_errors(chunk.uri, CORPUS_FIX, what):
+        yield from _iter_texts(chunk, text_column)
+
+
+def _iter_texts(chunk: Chunk, text_column: str) -> Iterator[str]:
     if chunk.row_groups:
         with fsspec.open(chunk.uri, "rb") as f:
             pf = pq.ParquetFile(f)
-            if text_column not in pf.schema_arrow.names:
-                raise ValueError(f"{chunk.uri} has no '{text_column}' column (columns: {pf.schema_arrow.names})")
+            check_column(chunk.uri, pf.schema_arrow, text_column, "string", CORPUS_FIX)
             for batch in pf.iter_batches(8192, row_groups=list(chunk.row_groups), columns=[text_column]):
-                yield from (t for t in batch.column(0).to_pylist() if t)
+                yield from (t or "" for t in batch.column(0).to_pylist())  # NULL: "", counted as empty
         return
     with fsspec.open(chunk.uri, "rb", compression="infer" if chunk.end < 0 else None) as f:
         if chunk.start > 0:
@@ -132,9 +150,12 @@ def spill(counts: Counter, uri: str, partitions: int, listed: Counter | None = N
 
 def count_chunk(task: dict) -> dict:
     """Map: count one chunk's unigrams, vocab bigrams or titles; spill every max_keys keys."""
-    counts, listed, tokens, bad, spills = Counter(), Counter(), 0, 0, []
+    counts, listed, tokens, bad, empty, spills = Counter(), Counter(), 0, 0, 0, []
     vocab = _vocab(task["vocab_uri"]) if task["what"] == "bigram" else None
     for text in iter_texts(task["chunk"], task["text_column"]):
+        if not text:  # a NULL or empty Parquet text: nothing to count, but counted as skipped
+            empty += 1
+            continue
         if task["what"] == "unigram":
             found = words(text)
             tokens += len(found)
@@ -155,7 +176,7 @@ def count_chunk(task: dict) -> dict:
             counts, listed = Counter(), Counter()
     spills.append(f"{task['spill_uri']}-{len(spills):03d}.parquet")
     spill(counts, spills[-1], task["partitions"], listed)
-    return {"tokens": tokens, "bad_lines": bad, "spills": spills}
+    return {"tokens": tokens, "bad_lines": bad, "empty_texts": empty, "spills": spills}
 
 
 def reduce_partition(task: dict) -> pa.Table:
@@ -213,18 +234,30 @@ def build_queries(corpus_uris: str | list[str], out_uri: str, *, min_count: int 
                   executor=None) -> dict:
     """Write the query list Parquet (query, kind, count) to out_uri; return its stats."""
     corpus_uris = [corpus_uris] if isinstance(corpus_uris, str) else list(corpus_uris)
+    check_queries_options(min_count, min_pmi, min_bigram_count, min_title_count, wordnet_lemmas, partitions,
+                          chunk_bytes, max_keys)
+    check(bool(corpus_uris or titles_uri or wordnet_dir), "CORPUS", "no source of queries was given",
+          "give corpus files, --titles FILE or --wordnet DIR")
+    fs, out_path = fsspec.core.url_to_fs(out_uri)
+    check(not fs.isdir(out_path), out_uri, "is a folder; OUT is the query list file to write",
+          "give a file path such as queries.parquet")
+    chunks = plan_chunks(corpus_uris, chunk_bytes, text_column)  # every input checked before any work
+    title_chunks = plan_chunks([titles_uri], chunk_bytes, text_column) if titles_uri else []
+    if wordnet_dir:
+        check_wordnet(wordnet_dir)
     owned, executor = executor is None, executor or LocalExecutor()
-    work = f"{out_uri}.work-{uuid.uuid4().hex[:8]}"  # per run: workers cache the vocabulary by its URI
+    parent, name = posixpath.split(out_uri)  # "_": out of a folder listing, should OUT sit in the corpus
+    work = posixpath.join(parent, f"_{name}.work-{uuid.uuid4().hex[:8]}")  # per run: workers cache by URI
     fs, work_path = fsspec.core.url_to_fs(work)
     fs.makedirs(work_path, exist_ok=True)
     cfg = {"text_column": text_column, "partitions": partitions, "max_keys": max_keys,
            "vocab_uri": f"{work}/vocab.parquet"}
     candidates, stats = {}, {"tokens": 0}
     try:
-        chunks = plan_chunks(corpus_uris, chunk_bytes)
         if chunks:
             vocab, mapped = _count("unigram", chunks, work, min_count, cfg, executor)
             stats["tokens"] = n_tokens = sum(m["tokens"] for m in mapped)
+            stats["empty_texts"] = sum(m["empty_texts"] for m in mapped)
             with fsspec.open(cfg["vocab_uri"], "wb") as f:
                 pq.write_table(vocab.select(["key", "count"]), f)
             floor = min_count if min_bigram_count is None else min_bigram_count
@@ -233,7 +266,6 @@ def build_queries(corpus_uris: str | list[str], out_uri: str, *, min_count: int 
             candidates["unigram"] = vocab
             candidates["bigram"] = pairs.filter(pc.greater_equal(pairs["pmi"], min_pmi))
         if titles_uri:
-            title_chunks = plan_chunks([titles_uri], chunk_bytes)
             titles, mapped = _count("title", title_chunks, work, min_title_count, cfg, executor)
             stats["title_bad_lines"] = sum(m["bad_lines"] for m in mapped)
             candidates["title"] = titles.append_column("counted", pc.greater(titles["count"], 0))
@@ -248,6 +280,19 @@ def build_queries(corpus_uris: str | list[str], out_uri: str, *, min_count: int 
         writer.write_table(table)
     stats["n_queries"] = len(table)
     return stats
+
+
+def check_queries_options(min_count: int, min_pmi: float, min_bigram_count: int | None, min_title_count: int,
+                          wordnet_lemmas: str, partitions: int = 16, chunk_bytes: int = 1, max_keys: int = 1) -> None:
+    """InputError for a number or choice build_queries cannot honour; runs before any file is read."""
+    whole_number("--min-count", min_count, why="unigrams occurring at least this often; WIT used 100")
+    finite_number("--min-pmi", min_pmi, why="the bigram PMI floor in bits")
+    if min_bigram_count is not None:
+        whole_number("--min-bigram-count", min_bigram_count, why="leave it out to use --min-count")
+    whole_number("--min-title-count", min_title_count, minimum=0, why="MetaCLIP used 70")
+    check(wordnet_lemmas in ("all", "head"), "--wordnet-lemmas", f"must be all or head, got {wordnet_lemmas!r}")
+    for name, value in (("partitions", partitions), ("chunk_bytes", chunk_bytes), ("max_keys", max_keys)):
+        whole_number(name, value)
 
 
 def _merge(candidates: dict[str, pa.Table]) -> tuple[pa.Table, dict]:
@@ -294,10 +339,15 @@ def add_queries_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_queries_command(args: argparse.Namespace) -> int:
     """Run `clip-pipeline queries` and print the per-kind stats."""
+    check_queries_options(args.min_count, args.min_pmi, args.min_bigram_count, args.min_title_count,
+                          args.wordnet_lemmas)
     with LocalExecutor(args.workers) as executor:
         stats = build_queries(args.corpus, args.out, min_count=args.min_count, min_pmi=args.min_pmi,
                               min_bigram_count=args.min_bigram_count, titles_uri=args.titles,
                               min_title_count=args.min_title_count, wordnet_dir=args.wordnet,
                               wordnet_lemmas=args.wordnet_lemmas, text_column=args.text_column, executor=executor)
     print(json.dumps(stats))
+    if not stats["n_queries"]:
+        print(f"clip-pipeline queries: warning: {args.out} holds no query (nothing reached the floors): "
+              "curate will refuse it; lower --min-count / --min-title-count or add sources", file=sys.stderr)
     return 0

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import fsspec
 
+from clip_core.errors import InputError
+
 POS_FILES = {"n": "data.noun", "v": "data.verb", "a": "data.adj", "r": "data.adv"}
 DEFAULT_DIR = "/usr/share/wordnet"
 _ADJ_MARKER = re.compile(r"\((?:a|p|ip)\)$")
@@ -39,6 +41,15 @@ def parse_data_line(line: str) -> Synset | None:
     words = fields[4: 4 + 2 * n_words: 2]
     lemmas = tuple(_ADJ_MARKER.sub("", w).replace("_", " ") for w in words)
     return Synset(int(fields[0]), fields[2], lemmas, gloss.strip())
+
+
+def check_wordnet(wordnet_dir: str) -> None:
+    """InputError unless wordnet_dir holds WordNet 3.0's data files."""
+    fs, path = fsspec.core.url_to_fs(wordnet_dir)
+    missing = [name for name in POS_FILES.values() if not fs.exists(f"{path.rstrip('/')}/{name}")]
+    if missing:
+        raise InputError("--wordnet", f"{wordnet_dir} lacks {', '.join(missing)}",
+                         "install WordNet 3.0 with apt-get install wordnet-base, or pass its folder")
 
 
 def read_synsets(wordnet_dir: str = DEFAULT_DIR, pos: str = "nvar") -> Iterator[Synset]:
