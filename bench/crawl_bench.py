@@ -105,7 +105,7 @@ def cpu_seconds() -> float:
 
 def timed_img2dataset(spent: list[float]):
     """Wrap crawl's img2dataset call to record the seconds spent inside it."""
-    import clip_core.crawl as crawl_module
+    import clip_core.crawl.download as crawl_module
 
     inner = crawl_module.run_img2dataset
 

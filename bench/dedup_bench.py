@@ -109,9 +109,9 @@ def photo_tiles(size: int = 96, min_std: float = 20.0) -> list[Image.Image]:
 def synthetic_web_images(n: int) -> tuple[list, list, object] | None:
     """Eval images of the synthetic web and its own planted-copy transform, if clip_core.data is there."""
     try:
-        from clip_core.data.eval_sets import eval_image
-        from clip_core.data.render import transform_copy
-        from clip_core.data.scenes import TRANSFORMS, load_digit_bank
+        from synthweb.eval_sets import eval_image
+        from synthweb.render import transform_copy
+        from synthweb.scenes import TRANSFORMS, load_digit_bank
     except ImportError:
         return None
     bank = load_digit_bank()

@@ -22,9 +22,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from clip_core.data.synthetic_web import generate_web
-from clip_core.data.web_app import SyntheticWeb
-from clip_core.data.webdataset_io import write_shards
+from synthweb.generator import generate_web
+from synthweb.app import SyntheticWeb
+from clip_core.data.webdataset import write_shards
 from clip_core.eval.zeroshot import evaluate_zeroshot
 from clip_core.model import load_checkpoint
 from clip_core.train import TrainConfig, build_training

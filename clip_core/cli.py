@@ -53,13 +53,13 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
 
 
 def _cmd_web_generate(args: argparse.Namespace) -> int:
-    from clip_core.data.synthetic_web import generate_web
+    from synthweb.generator import generate_web
 
     out = generate_web(args.out, n_pairs=args.pairs, seed=args.seed, base_url=args.base_url,
                        image_size=args.image_size, eval_sizes=args.eval_size)
     print(f"wrote a synthetic web of {args.pairs} pairs to {out} (pairs.parquet, eval/, web.json)")
     if args.wat:
-        from clip_core.data.wat_export import write_web_wat
+        from synthweb.wat_export import write_web_wat
 
         files = write_web_wat(out, out.rstrip("/") + "/wat")
         print(f"wrote its pages as {len(files)} WAT file(s) under {out.rstrip('/')}/wat")
@@ -67,7 +67,7 @@ def _cmd_web_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_web_serve(args: argparse.Namespace) -> int:
-    from clip_core.data.web_server import run_web_server
+    from synthweb.server import run_web_server
 
     return run_web_server(args.root, host=args.host, port=args.port, extra_hosts=args.extra_host)
 
@@ -96,13 +96,13 @@ def _add_web(sub: argparse._SubParsersAction) -> None:
 # Stage commands: each module owns its options (add_*_arguments) and handler (run_*_command);
 # modules are imported when the parser is built. flows.demo is orchestration and lives in flows/.
 STAGES = [  # (command, module, add-arguments function, handler or None when the add sets it, help)
-    ("extract", "clip_core.extract", "add_extract_arguments", "run_extract_command",
+    ("extract", "clip_core.extract.wat", "add_extract_arguments", "run_extract_command",
      "candidate pairs (image URL, alt text) from Common Crawl WAT files"),
     ("queries", "clip_core.curation.queries", "add_queries_arguments", "run_queries_command",
      "build the query list (WIT recipe: unigrams, PMI bigrams, titles, WordNet)"),
     ("curate", "clip_core.curation.curate", "add_curate_arguments", "run_curate_command",
      "match captions to queries and balance: at most t pairs per query"),
-    ("crawl", "clip_core.crawl", "add_crawl_arguments", "run_crawl_command",
+    ("crawl", "clip_core.crawl.download", "add_crawl_arguments", "run_crawl_command",
      "download pairs with img2dataset into WebDataset shards (URL-safe, resumable)"),
     ("dedup", "dedup.cli", "add_dedup_arguments", "run_dedup_command",
      "remove corpus images that near-duplicate eval images (`dedup train-detector OUT` trains the detector)"),

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clip_core.data.webdataset_io import DamagedShardError, iter_shard
+from clip_core.data.webdataset import DamagedShardError, iter_shard
 from clip_core.errors import InputError
 from clip_core.eval.features import batched
 from dedup.calibrate import calibrate_reference

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from scipy.stats import binomtest
 
-from clip_core.data.webdataset_io import atomic_open
+from clip_core.data.webdataset import atomic_open
 from clip_core.errors import InputError
 
 CONFIDENCE = 0.995

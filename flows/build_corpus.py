@@ -51,7 +51,7 @@ class CorpusConfig(BaseModel):
 
 @task
 def synthetic_web(cfg: CorpusConfig) -> str:
-    from clip_core.data.synthetic_web import generate_web
+    from synthweb.generator import generate_web
 
     root = join(cfg.storage, "web")
     if not exists(join(root, "web.json")):
@@ -118,7 +118,7 @@ def serving(web: str | None):
     if web is None:
         yield
         return
-    from clip_core.data.web_server import serve_web, spec_port
+    from synthweb.server import serve_web, spec_port
 
     with serve_web(web, port=spec_port(web)):
         yield

@@ -42,7 +42,7 @@ def test_web_generate_then_serve_on_loopback(tmp_path):
     import socket
     import urllib.request
 
-    from clip_core.data.web_server import serve_web
+    from synthweb.server import serve_web
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

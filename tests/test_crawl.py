@@ -24,10 +24,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from clip_core.crawl import (
+from clip_core.crawl.download import (
     CrawlStats, add_crawl_arguments, crawl, is_permanent, run_crawl_command,
 )
-from clip_core.crawl_safety import UrlPolicy, parse_networks, prepare_pairs, read_pairs
+from clip_core.crawl.safety import UrlPolicy, parse_networks, prepare_pairs, read_pairs
 from clip_core.errors import InputError
 
 LOOPBACK = ("127.0.0.1/32",)
@@ -439,7 +439,7 @@ def test_s3_output(tmp_path, web, moto_s3):
 
 def test_read_pairs_takes_a_folder_of_shards(tmp_path):
     """curate writes OUT/part-NNNNN.parquet: the crawl reads the folder in shard order."""
-    from clip_core.crawl_safety import read_pairs
+    from clip_core.crawl.safety import read_pairs
 
     folder = tmp_path / "curated"
     folder.mkdir()

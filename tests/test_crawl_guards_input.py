@@ -12,11 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_core.crawl import (
+from clip_core.crawl.download import (
     MANIFEST, CrawlFolder, _check_free, _stats_aside, add_crawl_arguments, crawl, is_permanent,
     read_crawl_manifest, run_crawl_command, stage_input, write_parquet,
 )
-from clip_core.crawl_safety import (
+from clip_core.crawl.safety import (
     UrlPolicy, check_fetchable, normalise_url, parse_networks, prepare_pairs, read_pairs,
 )
 from clip_core.errors import InputError

@@ -11,8 +11,8 @@ from urllib.parse import quote
 import pytest
 
 from clip_core.crawl import crawl, is_permanent
-from clip_core.crawl_guard import GuardProxy
-from clip_core.crawl_safety import UrlPolicy, check_url, parse_networks
+from clip_core.crawl.guard import GuardProxy
+from clip_core.crawl.safety import UrlPolicy, check_url, parse_networks
 from test_crawl import LOOPBACK, _image_bytes, fake_resolver, outside, web, write_pairs  # noqa: F401  (fixtures)
 
 

@@ -5,8 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from clip_core.crawl import crawl
-from clip_core.data.synthetic_web import generate_web
-from clip_core.data.web_server import serve_web
+from synthweb.generator import generate_web
+from synthweb.server import serve_web
 from flows.common import free_port
 
 RATES = {"404": 0.1, "500": 0.05, "slow": 0.05, "redirect301": 0.05, "redirect302": 0.05, "html": 0.05,

@@ -13,7 +13,7 @@ from clip_core.curation.inputs import (
 )
 from clip_core.curation.staging import StagedOutput
 from clip_core.errors import InputError
-from clip_core.wat_writer import write_wat_file
+from synthweb.wat_writer import write_wat_file
 
 
 def _raise_worker_input_error(i):

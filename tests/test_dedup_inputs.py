@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clip_core.cli import main
-from clip_core.data.webdataset_io import DamagedShardError, iter_shard, write_shards
+from clip_core.data.webdataset import DamagedShardError, iter_shard, write_shards
 from clip_core.errors import InputError
 from dedup.augment import procedural_image
 from dedup.near_dup import OUTPUT_NAMES, STATS_NAME, dedup

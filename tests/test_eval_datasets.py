@@ -11,7 +11,7 @@ from clip_core.eval.datasets import (
     EvalSet, check_templates, fill_template, iter_samples, list_splits, load_eval_set, paper_prompts,
     read_image, read_images,
 )
-from clip_core.data.webdataset_io import DamagedShardError
+from clip_core.data.webdataset import DamagedShardError
 from clip_core.errors import InputError
 from clip_core.transforms import ImageDecodeError
 

@@ -16,10 +16,9 @@ import pytest
 from warcio.archiveiterator import ArchiveIterator
 from warcio.warcwriter import WARCWriter
 
-from clip_core.extract import (
-    SCHEMA, STATS_NAME, add_extract_arguments, extract, run_extract_command, wat_envelope,
-    write_warcinfo, write_wat_file, write_wat_record)
-from clip_core.extract_filters import (
+from clip_core.extract.wat import SCHEMA, STATS_NAME, add_extract_arguments, extract, run_extract_command
+from synthweb.wat_writer import wat_envelope, write_warcinfo, write_wat_file, write_wat_record
+from clip_core.extract.filters import (
     PairFilter, StopwordLanguageDetector, resolve_image_url, resolve_image_url_reference,
     split_base, url_extension)
 from clip_core.errors import InputError

@@ -14,15 +14,15 @@ from PIL import Image
 from scipy import ndimage
 
 from flows.common import free_port
-from clip_core.data import concepts as C
-from clip_core.data.captions import plural
-from clip_core.data.render import render_scene
-from clip_core.data.scenes import eval_table, load_digit_bank, row, web_table
-from clip_core.data.synthetic_web import generate_web
-from clip_core.data.web_app import SyntheticWeb
-from clip_core.data.web_server import loopback_host, serve_web
-from clip_core.data.web_spec import FATES, WebSpec, load_spec
-from clip_core.data.webdataset_io import list_shards, read_samples, write_shards
+from synthweb import concepts as C
+from synthweb.captions import plural
+from synthweb.render import render_scene
+from synthweb.scenes import eval_table, load_digit_bank, row, web_table
+from synthweb.generator import generate_web
+from synthweb.app import SyntheticWeb
+from synthweb.server import loopback_host, serve_web
+from synthweb.spec import FATES, WebSpec, load_spec
+from clip_core.data.webdataset import list_shards, read_samples, write_shards
 
 N_PAIRS = 3000
 FAILURES = {f: 0.02 for f in FATES[1:]}
@@ -354,7 +354,7 @@ def test_run_web_server_stops_on_sigterm(web):
     import subprocess
     import sys
 
-    code = f"from clip_core.data.web_server import run_web_server; run_web_server({web['root']!r})"
+    code = f"from synthweb.server import run_web_server; run_web_server({web['root']!r})"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert "serving the synthetic web" in proc.stdout.readline()  # on the base_url's port

@@ -1,7 +1,2 @@
-"""Data: WebDataset shard helpers and the synthetic web (generator, renderer, server).
-
-Modules: `synthetic_web` (generate_web), `web_server` (serve_web, run_web_server),
-`web_app` (responses as a pure function of the path), `eval_sets`, `scenes`, `render`,
-`captions`, `concepts`, `web_spec`, `webdataset_io`. Nothing is imported here, so
-importing one module stays cheap.
-"""
+"""Production I/O shared by every stage: `webdataset` (shards: list, read, write, the sample
+key and image extensions) and `parquet` (listing, URIs, atomic writes)."""

@@ -31,7 +31,7 @@ from importlib import resources
 import fsspec
 from PIL import Image
 
-from clip_core.data.webdataset_io import iter_shard
+from clip_core.data.webdataset import iter_shard
 from clip_core.errors import InputError
 from clip_core.transforms import load_image
 

@@ -17,12 +17,12 @@ import fsspec
 import numpy as np
 from PIL import Image
 
-from clip_core.data import concepts as C
-from clip_core.data.captions import clean_captions
-from clip_core.data.render import encode, render_scene
-from clip_core.data.scenes import DigitBank, eval_table, hash64, row
-from clip_core.data.web_spec import WebSpec
-from clip_core.data.webdataset_io import atomic_open, write_shards
+from synthweb import concepts as C
+from synthweb.captions import clean_captions
+from synthweb.render import encode, render_scene
+from synthweb.scenes import DigitBank, eval_table, hash64, row
+from synthweb.spec import WebSpec
+from clip_core.data.webdataset import atomic_open, write_shards
 
 EVAL_JPEG_QUALITY = 95
 _TEMPLATES = {

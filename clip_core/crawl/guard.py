@@ -32,7 +32,7 @@ import types
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
-from clip_core.crawl_safety import UrlPolicy
+from clip_core.crawl.safety import UrlPolicy
 
 REFUSED = "Refused by crawl policy"
 MAX_HEAD = 64 * 1024

@@ -23,15 +23,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clip_core.data import concepts as C
-from clip_core.data.captions import Draws, alt_text, filename
-from clip_core.data.eval_sets import write_eval_sets
-from clip_core.data.scenes import (
+from synthweb import concepts as C
+from synthweb.captions import Draws, alt_text, filename
+from synthweb.eval_sets import write_eval_sets
+from synthweb.scenes import (
     CONTENTS, PLANTED, SPLITS, TRANSFORMS, DigitBank, base_scenes, hash64, load_digit_bank,
     randint, site_of, uniform, web_table,
 )
-from clip_core.data.web_spec import CAPTION_KINDS, EVAL_SETS, FATES, WebSpec, default_eval_sizes, save_spec
-from clip_core.data.webdataset_io import atomic_open
+from synthweb.spec import CAPTION_KINDS, EVAL_SETS, FATES, WebSpec, default_eval_sizes, save_spec
+from clip_core.data.webdataset import atomic_open
 
 CHUNK = 100_000  # uids per vectorised pass; bounds memory for millions of pairs
 DRAWS = 32  # pre-drawn uniforms per uid for its filename and alt-text

@@ -15,15 +15,7 @@ from collections.abc import Iterable, Sequence
 import fsspec
 from warcio.warcwriter import WARCWriter
 
-IMG_PATH = "IMG@/src"
-
-
-def _get(obj: object, *keys: str) -> object:
-    """obj[k1][k2]... through dicts only; None when any step is missing."""
-    for key in keys:
-        obj = obj.get(key) if isinstance(obj, dict) else None
-    return obj
-
+from clip_core.extract.wat import IMG_PATH, _get
 
 _WAT_DATE = "2024-01-01T00:00:00Z"
 

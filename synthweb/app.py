@@ -23,11 +23,11 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 from PIL import Image
 
-from clip_core.data.eval_sets import eval_image
-from clip_core.data.render import encode, render_scene, transform_copy
-from clip_core.data.scenes import PLANTED, SPLITS, DigitBank, hash64, load_digit_bank, row, web_table
-from clip_core.data.synthetic_web import pair_columns, site_name
-from clip_core.data.web_spec import EVAL_SETS, FATES, WebSpec, load_spec
+from synthweb.eval_sets import eval_image
+from synthweb.render import encode, render_scene, transform_copy
+from synthweb.scenes import PLANTED, SPLITS, DigitBank, hash64, load_digit_bank, row, web_table
+from synthweb.generator import pair_columns, site_name
+from synthweb.spec import EVAL_SETS, FATES, WebSpec, load_spec
 
 _IMAGE = re.compile(r"^/(s|img)/(site\d{4})/(\d{1,18})/([A-Za-z0-9._-]+)$")
 _PAGE = re.compile(r"^/s/(site\d{4})/page(\d{1,18})\.html$")

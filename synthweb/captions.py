@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import re
 
-from clip_core.data import concepts as C
+from synthweb import concepts as C
 
 class Draws:
     """A cheap random stream: pre-drawn uniforms first, then a Random seeded by `key`.

@@ -15,8 +15,8 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from clip_core.data import concepts as C
-from clip_core.data.scenes import TRANSFORMS, DigitBank
+from synthweb import concepts as C
+from synthweb.scenes import TRANSFORMS, DigitBank
 
 _POLYGON_SIDES = {"triangle": 3, "square": 4, "pentagon": 5, "hexagon": 6, "diamond": 4}
 

@@ -11,9 +11,9 @@ from urllib.parse import urlsplit
 import fsspec
 import pyarrow.parquet as pq
 
-from clip_core.data.synthetic_web import site_name
-from clip_core.data.web_spec import load_spec
-from clip_core.wat_writer import write_wat_file
+from synthweb.generator import site_name
+from synthweb.spec import load_spec
+from synthweb.wat_writer import write_wat_file
 
 
 def web_pages(root: str) -> Iterator[tuple[str, list[tuple[str, str]]]]:

@@ -46,8 +46,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clip_core.crawl_guard import REFUSED, GuardProxy, guard_env, run_img2dataset
-from clip_core.crawl_safety import (
+from clip_core.crawl.guard import REFUSED, GuardProxy, guard_env, run_img2dataset
+from clip_core.crawl.safety import (
     RESIZE_MODES, PreparedPairs, Resolver, UrlPolicy, check_fetchable, check_options, parse_networks,
     prepare_pairs, read_pairs,
 )

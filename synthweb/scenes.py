@@ -15,8 +15,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from clip_core.data import concepts as C
-from clip_core.data.web_spec import CAPTION_KINDS, EVAL_SETS, FATES, WebSpec
+from synthweb import concepts as C
+from synthweb.spec import CAPTION_KINDS, EVAL_SETS, FATES, WebSpec
 
 FRESH, EXACT_DUP, NEAR_DUP, PLANTED = 0, 1, 2, 3
 CONTENTS = ("fresh", "exact_dup", "near_dup", "planted")

@@ -62,10 +62,18 @@ from warcio.statusandheaders import StatusAndHeadersParserException
 
 from clip_core.curation.inputs import WAT_FIX, check, check_wat, whole_number
 from clip_core.curation.staging import StagedOutput
-from clip_core.wat_writer import IMG_PATH, _get, wat_envelope, write_wat_file, write_wat_record, write_warcinfo  # noqa: F401
-from clip_core.extract_filters import (
+from clip_core.extract.filters import (
     DROP_REASONS, BaseUrl, PairFilter, normalize_caption, page_base, parse_extensions,
     resolve_image_url, split_base)
+
+IMG_PATH = "IMG@/src"  # the WAT link path of an <img src>
+
+
+def _get(obj: object, *keys: str) -> object:
+    """obj[k1][k2]... through dicts only; None when any step is missing."""
+    for key in keys:
+        obj = obj.get(key) if isinstance(obj, dict) else None
+    return obj
 
 ERROR_KINDS = ("bad_json", "bad_record", "truncated_record", "truncated_stream", "read")
 SCHEMA = pa.schema([("url", pa.string()), ("caption", pa.string()),

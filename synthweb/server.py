@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-from clip_core.data.web_app import SyntheticWeb
-from clip_core.data.web_spec import load_spec
+from synthweb.app import SyntheticWeb
+from synthweb.spec import load_spec
 
 
 def loopback_host(host: str) -> str:
