@@ -93,24 +93,24 @@ def _add_web(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(handler=_cmd_web_serve)
 
 
-# Stage commands: each module owns its options (add_*_arguments) and handler (run_*_command);
-# modules are imported when the parser is built. flows.demo is orchestration and lives in flows/.
+# Stage commands: each flows/commands module owns its options (add_*_arguments) and handlers
+# (run_*_command); modules are imported when the parser is built.
 STAGES = [  # (command, module, add-arguments function, handler or None when the add sets it, help)
-    ("extract", "clip_core.extract.wat", "add_extract_arguments", "run_extract_command",
+    ("extract", "flows.commands.corpus", "add_extract_arguments", "run_extract_command",
      "candidate pairs (image URL, alt text) from Common Crawl WAT files"),
-    ("queries", "clip_core.curation.queries", "add_queries_arguments", "run_queries_command",
+    ("queries", "flows.commands.corpus", "add_queries_arguments", "run_queries_command",
      "build the query list (WIT recipe: unigrams, PMI bigrams, titles, WordNet)"),
-    ("curate", "clip_core.curation.curate", "add_curate_arguments", "run_curate_command",
+    ("curate", "flows.commands.corpus", "add_curate_arguments", "run_curate_command",
      "match captions to queries and balance: at most t pairs per query"),
-    ("crawl", "clip_core.crawl.download", "add_crawl_arguments", "run_crawl_command",
+    ("crawl", "flows.commands.corpus", "add_crawl_arguments", "run_crawl_command",
      "download pairs with img2dataset into WebDataset shards (URL-safe, resumable)"),
-    ("dedup", "dedup.cli", "add_dedup_arguments", "run_dedup_command",
+    ("dedup", "flows.commands.dedup", "add_dedup_arguments", "run_dedup_command",
      "remove corpus images that near-duplicate eval images (`dedup train-detector OUT` trains the detector)"),
     ("train", "clip_core.train.config", "add_train_arguments", "run_train_command",
      "contrastive training on Ray Train (local cluster or RAY_ADDRESS), MLflow-logged"),
-    ("evaluate", "clip_core.eval.run", "add_evaluate_arguments", None,
+    ("evaluate", "flows.commands.evaluate", "add_evaluate_arguments", None,
      "zero-shot, retrieval and linear-probe evaluation of a checkpoint"),
-    ("overlap", "clip_core.cli", "_overlap_arguments", "_cmd_overlap",
+    ("overlap", "flows.commands.evaluate", "add_overlap_arguments", "run_overlap_command",
      "CLIP Sec. 5 overlap analysis: zero-shot accuracy on All / Clean / Overlap"),
     ("demo", "flows.demo", "add_demo_arguments", None, "the whole DAG on the embedded default, then a summary"),
 ]
@@ -123,24 +123,6 @@ def _add_stage(sub: argparse._SubParsersAction, name: str, module: str, add: str
     getattr(mod, add)(parser)
     if run:
         parser.set_defaults(handler=getattr(mod, run))
-
-
-def _cmd_overlap(args: argparse.Namespace) -> int:
-    from dedup.analysis import run_overlap_analysis
-    from dedup.report import markdown_table
-
-    stats = run_overlap_analysis(args.checkpoint, args.eval, args.matches, args.out, batch_size=args.batch_size)
-    print(markdown_table(stats))
-    print(f"wrote overlap.json, overlap.md and overlap.png to {args.out}")
-    return 0
-
-
-def _overlap_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="checkpoint file or folder, or a training output folder (latest checkpoint)")
-    p.add_argument("--matches", required=True, help="matches.parquet written by `clip-pipeline dedup`")
-    p.add_argument("--eval", nargs="+", required=True, metavar="EVALDIR", help="classification eval sets")
-    p.add_argument("--out", required=True, help="folder for overlap.json, overlap.md, overlap.png")
-    p.add_argument("--batch-size", type=int, default=64)
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:

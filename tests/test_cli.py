@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_core.cli import main
+from flows.cli import main
 from clip_core.tokenizer import tokenize
 
 
@@ -33,7 +33,7 @@ def test_too_long_text_is_a_clear_error_not_a_traceback(capsys):
 
 
 def test_console_script_help_lists_commands():
-    out = subprocess.run([sys.executable, "-m", "clip_core.cli", "--help"],
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "models" in out and "tokenize" in out
 
@@ -61,7 +61,7 @@ def test_web_generate_then_serve_on_loopback(tmp_path):
 
 
 def _console(*args, cwd) -> subprocess.CompletedProcess:
-    code = "from clip_core.cli import console_main; console_main()"
+    code = "from flows.cli import console_main; console_main()"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
 
 

@@ -25,10 +25,11 @@ import webdataset as wds
 from PIL import Image
 
 from clip_core.crawl.download import (
-    CrawlStats, add_crawl_arguments, crawl, is_permanent, run_crawl_command,
+    CrawlStats, crawl, is_permanent,
 )
 from clip_core.crawl.safety import UrlPolicy, parse_networks, prepare_pairs, read_pairs
 from clip_core.errors import InputError
+from flows.commands.corpus import add_crawl_arguments, run_crawl_command
 
 LOOPBACK = ("127.0.0.1/32",)
 

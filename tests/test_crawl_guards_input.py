@@ -13,9 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from clip_core.crawl.download import (
-    MANIFEST, CrawlFolder, _check_free, _stats_aside, add_crawl_arguments, crawl, is_permanent,
-    read_crawl_manifest, run_crawl_command, stage_input, write_parquet,
+    MANIFEST, CrawlFolder, _check_free, _stats_aside, crawl, is_permanent,
+    read_crawl_manifest, stage_input, write_parquet,
 )
+from flows.commands.corpus import add_crawl_arguments, run_crawl_command
 from clip_core.crawl.safety import (
     UrlPolicy, check_fetchable, normalise_url, parse_networks, prepare_pairs, read_pairs,
 )

@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_core.curation.curate import LocalExecutor, add_curate_arguments, curate, plan_shards, run_curate_command
+from clip_core.curation.curate import LocalExecutor, curate, plan_shards
+from flows.commands.corpus import add_curate_arguments, run_curate_command
 from clip_core.errors import InputError
 
 QUERIES = ["dog", "cat", "hot dog", "bird", "", "dog"]
@@ -236,7 +237,7 @@ def test_out_that_curate_did_not_write_is_refused(setup):
     ("--workers", "0", "must be a whole number >= 1, got 0"),
 ])
 def test_cli_numbers_are_checked_at_the_door(setup, capsys, option, value, problem):
-    from clip_core.cli import main
+    from flows.cli import main
 
     pairs, queries, tmp = setup
     assert main(["curate", pairs, queries, str(tmp / "out"), option, value]) == 2

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_core.cli import main
+from flows.cli import main
 from clip_core.data.webdataset import DamagedShardError, iter_shard, write_shards
 from clip_core.errors import InputError
 from dedup.augment import procedural_image
@@ -241,7 +241,7 @@ def test_train_detector_refuses_bad_options(tmp_path, capsys):
 @pytest.mark.slow
 def test_the_real_command_exits_2_with_one_line(data, tmp_path):
     """What a user sees: the console entry point, a bad option, no traceback."""
-    code = "from clip_core.cli import console_main; console_main()"
+    code = "from flows.cli import console_main; console_main()"
     proc = subprocess.run([sys.executable, "-c", code, *_args(data, tmp_path / "out", "-k", "0")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == "clip-pipeline dedup: error: -k: must be an integer " \

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from flows.commands.evaluate import add_evaluate_arguments, run_evaluate_command
 from clip_core.eval.run import (
-    add_evaluate_arguments, default_model_name, evaluate, markdown_table, resolve_checkpoint,
-    run_evaluate_command,
+    default_model_name, evaluate, markdown_table, resolve_checkpoint,
 )
 from clip_core.model import create_model, save_checkpoint
 
@@ -232,7 +232,7 @@ BAD_EVALUATE = [
 
 @pytest.mark.parametrize("extra,named", BAD_EVALUATE, ids=[" ".join(e) for e, _ in BAD_EVALUATE])
 def test_evaluate_refuses_bad_options(workdir, tmp_path, capsys, extra, named):
-    from clip_core.cli import main
+    from flows.cli import main
     out = tmp_path / "out"
     assert main(["evaluate", str(workdir / "ckpt"), str(workdir / "shapes"), "--out", str(out), *extra]) == 2
     err = capsys.readouterr().err
@@ -240,7 +240,7 @@ def test_evaluate_refuses_bad_options(workdir, tmp_path, capsys, extra, named):
 
 
 def test_evaluate_refuses_bad_folders_and_checkpoints(workdir, tmp_path, capsys):
-    from clip_core.cli import main
+    from flows.cli import main
     (tmp_path / "afile").write_text("mine")
     (tmp_path / "random.safetensors").write_bytes(os.urandom(3000))
     rand_dir = _touch_checkpoint(tmp_path / "randdir")

@@ -16,7 +16,8 @@ import pytest
 from warcio.archiveiterator import ArchiveIterator
 from warcio.warcwriter import WARCWriter
 
-from clip_core.extract.wat import SCHEMA, STATS_NAME, add_extract_arguments, extract, run_extract_command
+from clip_core.extract.wat import SCHEMA, STATS_NAME, extract
+from flows.commands.corpus import add_extract_arguments, run_extract_command
 from synthweb.wat_writer import wat_envelope, write_warcinfo, write_wat_file, write_wat_record
 from clip_core.extract.filters import (
     PairFilter, StopwordLanguageDetector, resolve_image_url, resolve_image_url_reference,
@@ -342,7 +343,7 @@ def _tree(folder):
     ("gzipped.wat.gz", gzip.compress(b"just some text"), "is gzip but holds no WARC records"),
 ])
 def test_a_file_that_is_not_a_wat_is_refused_by_name(wat_files, tmp_path, capsys, name, data, problem):
-    from clip_core.cli import main
+    from flows.cli import main
 
     (tmp_path / name).write_bytes(data)
     assert main(["extract", *wat_files, str(tmp_path / name), str(tmp_path / "out")]) == 2

@@ -172,7 +172,7 @@ def test_calibration_without_a_feasible_threshold_matches_nothing():
 @pytest.mark.slow
 def test_cli_runs_dedup_and_train_detector(planted, tmp_path):
     import argparse
-    from dedup.cli import add_dedup_arguments, run_dedup_command
+    from flows.commands.dedup import add_dedup_arguments, run_dedup_command
     parser = argparse.ArgumentParser()
     add_dedup_arguments(parser)
     args = parser.parse_args([planted["corpus"], str(tmp_path / "out"), "--eval", planted["eval"],

@@ -124,7 +124,7 @@ def _overlap_argv(root, out, ckpt="ckpt", matches="matches.parquet", evals=("toy
 
 
 def test_overlap_command_runs(overlap_inputs, tmp_path, capsys):
-    from clip_core.cli import main
+    from flows.cli import main
     assert main(_overlap_argv(overlap_inputs, tmp_path / "out", "ckpt", "matches.parquet", ("toy",),
                               "--batch-size", "3")) == 0
     doc = json.loads((tmp_path / "out" / "overlap.json").read_text())
@@ -148,7 +148,7 @@ BAD_OVERLAP = [
 
 @pytest.mark.parametrize("change,named", BAD_OVERLAP, ids=[str(c) for c, _ in BAD_OVERLAP])
 def test_overlap_command_refuses_bad_input(overlap_inputs, tmp_path, capsys, change, named):
-    from clip_core.cli import main
+    from flows.cli import main
     out = overlap_inputs / change["out"] if "out" in change else tmp_path / "out"
     argv = _overlap_argv(overlap_inputs, out, change.get("ckpt", "ckpt"), change.get("matches", "matches.parquet"),
                          change.get("evals", ("toy",)), *change.get("extra", ()))

@@ -13,9 +13,10 @@ import pytest
 
 from clip_core.curation.curate import LocalExecutor
 from clip_core.curation.balance import hash_strings
+from flows.commands.corpus import add_queries_arguments, run_queries_command
 from clip_core.curation.queries import (
-    add_queries_arguments, bigrams, build_queries, count_chunk, is_matchable, iter_texts, plan_chunks,
-    reduce_partition, run_queries_command, words,
+    bigrams, build_queries, count_chunk, is_matchable, iter_texts, plan_chunks,
+    reduce_partition, words,
 )
 from clip_core.curation.wordnet import parse_data_line, read_synsets, wordnet_queries
 from clip_core.errors import InputError

@@ -1,7 +1,7 @@
 """The synthetic web's pages as WAT files: `extract` gives back the web's pairs."""
 import pyarrow.parquet as pq
 
-from clip_core.cli import main
+from flows.cli import main
 from clip_core.extract import extract
 
 

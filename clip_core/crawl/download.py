@@ -27,15 +27,12 @@ script without a `__main__` guard) is `crawl_guard`'s part; one crawl per proces
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import json
 import math
 import re
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -48,10 +45,10 @@ import pyarrow.parquet as pq
 
 from clip_core.crawl.guard import REFUSED, GuardProxy, guard_env, run_img2dataset
 from clip_core.crawl.safety import (
-    RESIZE_MODES, PreparedPairs, Resolver, UrlPolicy, check_fetchable, check_options, parse_networks,
+    PreparedPairs, Resolver, UrlPolicy, check_fetchable, check_options, parse_networks,
     prepare_pairs, read_pairs,
 )
-from clip_core.errors import BAD_INPUT_ERRORS, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, InputError, check
+from clip_core.errors import InputError, check
 
 DEFAULT_DISALLOWED = ("noai", "noimageai", "noindex", "noimageindex")
 # Errors a retry cannot fix: gone pages, the site's own opt-out, our guard's refusals, and a URL
@@ -448,46 +445,3 @@ def _finish(folder: CrawlFolder, stats: CrawlStats, done_before: set[int], start
     write_json(fs, f"{out}/crawl_stats.json", stats.to_dict())
     if fs.exists(f"{out}/{STATS_ASIDE}"):
         fs.rm(f"{out}/{STATS_ASIDE}")
-
-
-def add_crawl_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `clip-pipeline crawl PAIRS OUT`."""
-    parser.add_argument("pairs", help="candidate or curated pairs Parquet (url, caption, ...)")
-    parser.add_argument("out", help="output folder for the shards (local path or s3://...)")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--resize-mode", default="center_crop",
-                        choices=RESIZE_MODES,
-                        help="center_crop is CLIP's preprocessing; keep_ratio keeps the whole image")
-    parser.add_argument("--processes", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=16)
-    parser.add_argument("--number-sample-per-shard", type=int, default=10_000)
-    parser.add_argument("--allow-network", action="append", default=[], metavar="CIDR",
-                        help="fetch from this network although it is private/loopback (repeatable); "
-                             "127.0.0.1/32 reaches the synthetic web")
-    parser.add_argument("--timeout", type=int, default=10, help="seconds per request")
-    parser.add_argument("--retries", type=int, default=0, help="immediate retries per request")
-    parser.add_argument("--retry-failed", action="store_true",
-                        help="fetch again the samples that failed to download (not 404/410/451/opt-outs)")
-    parser.add_argument("--encode-quality", type=int, default=95)
-    parser.add_argument("--user-agent-token", default=None)
-    parser.add_argument("--no-guard", dest="guard", action="store_false",
-                        help="do not route requests through the guard proxy (redirects then go unchecked)")
-
-
-def run_crawl_command(args: argparse.Namespace) -> int:
-    """Run `crawl` from parsed arguments; print the summary. 0 ok, 1 incomplete run, 2 bad input."""
-    try:
-        stats = crawl(
-            args.pairs, args.out, image_size=args.image_size, processes=args.processes,
-            threads=args.threads, resize_mode=args.resize_mode,
-            number_sample_per_shard=args.number_sample_per_shard, allow_networks=args.allow_network,
-            timeout=args.timeout, retries=args.retries, retry_failed=args.retry_failed,
-            encode_quality=args.encode_quality, user_agent_token=args.user_agent_token, guard=args.guard)
-    except BAD_INPUT_ERRORS as err:
-        print(f"clip-pipeline crawl: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except (RuntimeError, subprocess.SubprocessError, OSError) as err:
-        print(f"clip-pipeline crawl: error: {err}", file=sys.stderr)
-        return EXIT_FAILED
-    print(stats.summary())
-    return EXIT_FAILED if stats.incomplete_shards else EXIT_OK

@@ -20,10 +20,8 @@ Output rows do not depend on shards, executor or worker count.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
-import json
 import math
 import multiprocessing
 import os
@@ -371,37 +369,3 @@ def _choose_t(counts: np.ndarray, offsets: np.ndarray, sample_ids: np.ndarray, m
         raise InputError("--target-size", f"{target_size} is below {smallest:,.2f}, the expected size at the "
                          "smallest t, 1 pair per query", f"ask for at least {math.ceil(round(smallest, 6))} pairs")
     return solve_t(counts, offsets, sample_ids, target_size, rate)
-
-
-def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
-    """`clip-pipeline curate` options."""
-    parser.add_argument("pairs", nargs="+", metavar="PAIRS", help="candidate pairs: Parquet files or folders (URIs)")
-    parser.add_argument("queries", metavar="QUERIES", help="query list Parquet (from `clip-pipeline queries`)")
-    parser.add_argument("out", metavar="OUT", help="output folder for part-NNNNN.parquet and curation_stats.json")
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--max-per-query", type=int, default=20000, help="t, pairs per query (WIT: 20,000)")
-    size.add_argument("--target-size", type=int, help="solve t so the expected number of kept pairs is at most this")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the balancing draws")
-    parser.add_argument("--case-insensitive", action="store_true", help="lower-case captions and queries to match")
-    parser.add_argument("--workers", type=int, help="local worker processes (default: all cores)")
-    parser.add_argument("--executor", choices=("local", "ray"), default="local")
-    parser.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
-    parser.add_argument("--shard-rows", type=int, default=250_000, help="rows per unit of work")
-
-
-def run_curate_command(args: argparse.Namespace) -> int:
-    """Run `clip-pipeline curate` and print the totals."""
-    check_curate_options(args.max_per_query, args.target_size, args.seed, args.shard_rows)  # before any executor
-    if args.workers is not None:
-        whole_number("--workers", args.workers, why="worker processes; leave it out for all cores")
-    if args.executor == "ray":
-        from flows.executors import RayExecutor
-        executor = RayExecutor(address=args.ray_address, num_cpus=args.workers)
-    else:
-        executor = LocalExecutor(args.workers)
-    with executor:
-        stats = curate(args.pairs, args.queries, args.out, max_per_query=args.max_per_query,
-                       target_size=args.target_size, seed=args.seed, case_sensitive=not args.case_insensitive,
-                       executor=executor, shard_rows=args.shard_rows)
-    print(json.dumps({"t": stats["t"], **stats["totals"], "skipped": stats["skipped"], "out": args.out}))
-    return 0

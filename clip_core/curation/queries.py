@@ -25,12 +25,9 @@ between spaces, e.g. "U.S.") are dropped and counted.
 """
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import posixpath
 import re
-import sys
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -318,36 +315,3 @@ def _merge(candidates: dict[str, pa.Table]) -> tuple[pa.Table, dict]:
                 for column, value in zip(rows, (query, kind, count)):
                     rows[column].append(value)
     return pa.table(rows, schema=SCHEMA), stats
-
-
-def add_queries_arguments(parser: argparse.ArgumentParser) -> None:
-    """`clip-pipeline queries` options."""
-    parser.add_argument("corpus", nargs="*", metavar="CORPUS",
-                        help="text files or Parquet with a text column (URIs; files or folders)")
-    parser.add_argument("out", metavar="OUT", help="query list Parquet to write")
-    parser.add_argument("--min-count", type=int, default=100, help="unigrams occurring at least this often (WIT: 100)")
-    parser.add_argument("--min-pmi", type=float, default=8.0, help="bigrams with PMI (bits) at least this")
-    parser.add_argument("--min-bigram-count", type=int, help="bigram count floor (default: --min-count)")
-    parser.add_argument("--titles", help="titles file: one title a line, optional TAB count (e.g. page views)")
-    parser.add_argument("--min-title-count", type=int, default=70, help="title count floor (MetaCLIP: 70)")
-    parser.add_argument("--wordnet", metavar="DIR", help="WordNet 3.0 database folder (e.g. /usr/share/wordnet)")
-    parser.add_argument("--wordnet-lemmas", choices=("all", "head"), default="all",
-                        help="every lemma of a synset, or its first")
-    parser.add_argument("--text-column", default="text", help="text column of Parquet corpora")
-    parser.add_argument("--workers", type=int, help="local worker processes (default: all cores)")
-
-
-def run_queries_command(args: argparse.Namespace) -> int:
-    """Run `clip-pipeline queries` and print the per-kind stats."""
-    check_queries_options(args.min_count, args.min_pmi, args.min_bigram_count, args.min_title_count,
-                          args.wordnet_lemmas)
-    with LocalExecutor(args.workers) as executor:
-        stats = build_queries(args.corpus, args.out, min_count=args.min_count, min_pmi=args.min_pmi,
-                              min_bigram_count=args.min_bigram_count, titles_uri=args.titles,
-                              min_title_count=args.min_title_count, wordnet_dir=args.wordnet,
-                              wordnet_lemmas=args.wordnet_lemmas, text_column=args.text_column, executor=executor)
-    print(json.dumps(stats))
-    if not stats["n_queries"]:
-        print(f"clip-pipeline queries: warning: {args.out} holds no query (nothing reached the floors): "
-              "curate will refuse it; lower --min-count / --min-title-count or add sources", file=sys.stderr)
-    return 0

@@ -35,15 +35,11 @@ WET by mistake) or ends early is counted and named in the stats' `warnings`, pri
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
-import importlib
-import io
 import json
 import multiprocessing
 import os
-import sys
 import time
 import zlib
 from collections import deque
@@ -456,53 +452,3 @@ def _finish(fs, root: str, files: list[FileStats], shards: list[str], seconds: f
     with fs.open(f"{root}/{STATS_NAME}", "wb") as f:
         f.write(json.dumps(result.to_dict(), indent=2).encode())
     return result
-
-
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `clip-pipeline extract WAT... OUT`."""
-    parser.add_argument("wat", nargs="+", metavar="WAT",
-                        help="WAT files (.warc.wat.gz), any fsspec URI; globs are expanded")
-    parser.add_argument("out", metavar="OUT", help="output folder for part-NNNNN.parquet")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="parallel files for --executor local (default: all cores)")
-    parser.add_argument("--min-caption-len", type=int, default=None, metavar="N")
-    parser.add_argument("--max-caption-len", type=int, default=None, metavar="N")
-    parser.add_argument("--lang", type=_csv, default=None, metavar="CODES",
-                        help="keep captions detected as these ISO 639-1 codes, e.g. en,und "
-                             "(approximate stopword detector; 'und' = undetermined)")
-    parser.add_argument("--ext", type=_csv, default=None, metavar="EXTS",
-                        help="keep image URLs whose path ends in these extensions, e.g. jpg,png")
-    parser.add_argument("--executor", choices=("local", "ray"), default="local",
-                        help="local process pool, or Ray tasks (RAY_ADDRESS or a local cluster)")
-    parser.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS, metavar="N")
-
-
-def _cli_executor(name: str):
-    """A context yielding None (the local pool) or, for "ray", flows.executors.RayExecutor.
-
-    The only import from flows/, made lazily and only for `--executor ray`: the command
-    line is an entry point, and the library itself never talks to Ray.
-    """
-    if name == "local":
-        return contextlib.nullcontext(None)
-    return importlib.import_module("flows.executors").RayExecutor()
-
-
-def run_extract_command(args: argparse.Namespace) -> int:
-    """Run `extract` from parsed arguments; print one summary line."""
-    with _cli_executor(args.executor) as executor:
-        stats = extract(args.wat, args.out, workers=args.workers, executor=executor,
-                        min_caption_len=args.min_caption_len,
-                        max_caption_len=args.max_caption_len, languages=args.lang,
-                        image_extensions=args.ext, shard_rows=args.shard_rows)
-    t = stats.totals
-    for line in stats.warnings:
-        print(f"clip-pipeline extract: warning: {line}", file=sys.stderr)
-    print(f"extract: {len(stats.files)} files, {t.pages} pages, {t.img_links} img links -> "
-          f"{stats.rows} pairs in {len(stats.shards)} shards ({stats.pairs_per_s:,.0f} pairs/s); "
-          f"errors {sum(t.errors.values())}; stats in {args.out.rstrip('/')}/{STATS_NAME}")
-    return 0

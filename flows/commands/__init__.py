@@ -1,0 +1,1 @@
+"""The `clip-pipeline` subcommands, one module per group of stages; flows/cli.py assembles them."""
