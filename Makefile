@@ -10,9 +10,17 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export RAY_AUTH_MODE := disabled
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup test test-fast demo train-cluster prefect-up prefect-down mlflow-ui bench clean
+.PHONY: setup wordnet test test-fast demo train-cluster prefect-up prefect-down mlflow-ui bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) wordnet
+
+# WordNet 3.0 (real data for the query list and its tests), from Debian's wordnet-base.
+WORDNET_DIR := /usr/share/wordnet
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+wordnet:
+	@test -f $(WORDNET_DIR)/data.noun || { command -v apt-get >/dev/null && \
+	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wordnet-base) >/dev/null; } || \
+	  { echo "make setup: could not install WordNet (Debian's wordnet-base) into $(WORDNET_DIR)"; exit 1; }
 
 # torch first, so nothing pulls a CUDA build; dataclasses (an old backport that
 # img2dataset pulls) shadows the standard library inside Prefect's server: remove it.
