@@ -8,21 +8,27 @@ with strict=True (and ours into theirs); attention is computed with scaled_dot_p
 """
 from __future__ import annotations
 
+import json
 import math
+import pickle
+import re
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from clip_core.config import CLIPConfig, TextConfig, VisionConfig, available_models, load_preset
+from clip_core.errors import InputError
 
 __all__ = ["CLIP", "available_models", "create_model", "build_model", "config_from_state_dict",
-           "load_state_dict", "load_checkpoint", "save_checkpoint"]
+           "load_state_dict", "load_checkpoint", "save_checkpoint", "read_safetensors", "read_torch_weights",
+           "read_config"]
 
 # Top-level entries of OpenAI's released checkpoints that are not parameters.
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -404,20 +410,60 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.split("/", 1)[-1].startswith("code/") for name in z.namelist())
 
 
+_SAFE_FIX = "re-export it, or restore a good copy of the checkpoint"
+
+
+def read_safetensors(path: str | Path, device: str = "cpu") -> dict:
+    """The tensors of a .safetensors file; InputError naming the file when it is not a whole one."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        return load_file(str(path), device=device)
+    except SafetensorError as e:  # its message never names the file
+        raise InputError(str(path), f"not a safetensors file, or a truncated one ({e})", _SAFE_FIX) from e
+
+
+def read_torch_weights(path: str | Path) -> dict:
+    """torch.load of plain tensors and containers only: a pickle of code is refused, never run."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message suggests weights_only=False, i.e. running the file's code: never do that here
+        named = re.search(r"GLOBAL (\S+)", str(e), re.IGNORECASE)
+        if named:
+            raise InputError(str(path), f"a pickle that is not plain weights (it names {named.group(1)}); this "
+                             "project never unpickles code", "convert it to safetensors where it came from") from None
+        raise InputError(str(path), "not a PyTorch checkpoint (not a pickle of tensors)", _SAFE_FIX) from None
+    except (RuntimeError, EOFError) as e:  # a torch.save zip that is cut short or damaged
+        raise InputError(str(path), f"not a whole PyTorch checkpoint ({str(e).split('.')[0]})", _SAFE_FIX) from None
+
+
+def read_config(path: str | Path) -> CLIPConfig:
+    """The CLIPConfig of a checkpoint folder's config.json; InputError naming the file when it is not one."""
+    try:
+        return CLIPConfig.from_json(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file (a checkpoint folder holds config.json and "
+                                "model.safetensors)") from None
+    except (ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
+        kind = "not JSON" if isinstance(e, json.JSONDecodeError) else "not a CLIP config"
+        raise InputError(str(path), f"{kind} ({e})", _SAFE_FIX) from None
+
+
 def _read_state_dict(path: Path) -> dict:
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        return read_safetensors(path)
     if _is_torchscript(path):  # OpenAI's released .pt files
         return torch.jit.load(str(path), map_location="cpu").state_dict()
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_torch_weights(path)
 
 
 def load_checkpoint(path: str | Path) -> CLIP:
     """A fp32 CLIP from .safetensors, .pt/.pth (TorchScript or state_dict) or a saved folder."""
     path = Path(path)
     if path.is_dir():
-        config = CLIPConfig.from_json(path / "config.json")
-        return _from_weights(config, _clean_state_dict(load_file(str(path / "model.safetensors"))))
+        config = read_config(path / "config.json")
+        return _from_weights(config, _clean_state_dict(read_safetensors(path / "model.safetensors")))
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     return build_model(_read_state_dict(path))

@@ -141,6 +141,24 @@ class Tracker:
         if self.run_id:
             self._call("end run", self.client.set_terminated, self.run_id, status)
 
+    def end_stale(self, experiment: str, run_name: str, tags: dict, status: str = "KILLED") -> list[str]:
+        """End the RUNNING runs named `run_name` with `tags` that a killed driver left open; returns their ids."""
+        return self._call("end stale runs", self._end_stale, experiment, run_name, tags, status) or []
+
+    def _end_stale(self, experiment: str, run_name: str, tags: dict, status: str) -> list[str]:
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            return []
+        # tags are compared here, not in the filter string: paths may hold quotes
+        running = self.client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'")
+        stale = [r.info.run_id for r in running
+                 if r.info.run_name == run_name and all(r.data.tags.get(k) == str(v) for k, v in tags.items())]
+        for run_id in stale:
+            self.client.set_terminated(run_id, status)
+        if stale:
+            warnings.warn(f"MLflow runs {stale} of {run_name!r} were left RUNNING by a killed training; marked {status}")
+        return stale
+
 
 def git_commit(cwd: str | None = None) -> str:
     """HEAD's commit (with "-dirty" when the tree has changes), or "unknown"."""
@@ -184,6 +202,14 @@ def peak_flops(peak_tflops: float | None, device: torch.device) -> float | None:
     return None
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl row; a line cut by a crash counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class MetricsCallback:
     """Rank 0: per-step metrics (+ throughput, MFU, extras) to metrics.jsonl and MLflow."""
 
@@ -200,6 +226,18 @@ class MetricsCallback:
         if self.flops and self.peak:
             m["mfu"] = self.flops * m["samples_per_s"] / (self.peak * self.world_size)
         return {**m, **(self.extras(trainer) if self.extras else {})}
+
+    def on_train_start(self, trainer) -> None:
+        """Drop rows after the step training starts from: a resumed run logs those steps again."""
+        if not self.log_path.exists():
+            return
+        rows = self.log_path.read_text().splitlines(keepends=True)
+        kept = [r for r in rows if _step_of(r) <= trainer.step]
+        if len(kept) == len(rows):
+            return
+        tmp = self.log_path.with_name(f".{self.log_path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.log_path)  # whole or not at all
 
     def on_step_end(self, trainer) -> None:
         row = self.row(trainer)

@@ -7,22 +7,31 @@ stream, with Ray reporting as a callback. Every worker calls `ray.train.report` 
 checkpoint steps (a barrier); only rank 0 passes the checkpoint. A worker that dies is
 restarted by Ray (FailureConfig) and continues from `ray.train.get_checkpoint()`; a rerun
 with the same OUT and name continues from the run's last checkpoint.
+
+Every input (corpus, --exclude, --eval, the checkpoint a run would continue) is checked
+before Ray starts. On a cluster that is this machine alone, torch.distributed meets through
+a file and gloo/NCCL bind the loopback interface: nothing listens beyond 127.0.0.1. The
+MLflow run is always closed: FINISHED, FAILED, or KILLED on SIGINT/SIGTERM.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
+import ipaddress
+import json
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-import fsspec
 import ray
 import ray.train
 import ray.train.torch
@@ -30,12 +39,15 @@ import torch
 import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
 
 from clip_core.config import load_preset
+from clip_core.errors import BAD_INPUT_ERRORS, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, InputError
 from clip_core.model import create_model
 from clip_core.train import TrainConfig, build_training, restore_training
+from clip_core.train.config import add_train_arguments, config_from_args
 from clip_core.train.checkpoint import save_train_state
-from clip_core.train.data import check_corpus
+from clip_core.train.checks import RESUME_FIX, check_checkpoint_matches, check_training_inputs
 from clip_core.train.loop import NonFiniteLossError
 from clip_core.train.optim import unwrap
 from flows.common import loopback_ray
@@ -100,8 +112,13 @@ def _rank0_callbacks(cfg: TrainConfig, config: dict, world: int, loader, device)
     with torch.device("meta"):
         meta = create_model(cfg.preset, **({"vision_cfg": {"image_size": cfg.image_size}} if cfg.image_size else {}))
     tracker = Tracker(config["tracking_uri"] if config["run_id"] else None, config["run_id"])
-    extras = lambda t: {"logit_scale": unwrap(t.model).logit_scale.exp().item(),  # noqa: E731
-                        "data_skipped": loader.stats()["skipped"], "data_epoch": loader.stats()["epoch"]}
+
+    def extras(t) -> dict:
+        data = loader.stats()
+        return {"logit_scale": unwrap(t.model).logit_scale.exp().item(), "data_skipped": data["skipped"],
+                "data_truncated": data["skip_reasons"]["truncated"], "data_excluded": data["excluded"],
+                "data_epoch": data["epoch"]}
+
     metrics = MetricsCallback(tracker, Path(cfg.output) / "metrics.jsonl", cfg.log_every, world,
                               flops_per_sample(meta, meta.config.vision.image_size, meta.config.text.context_length),
                               peak_flops(cfg.peak_tflops, device), extras)
@@ -147,6 +164,63 @@ def train_func(config: dict) -> dict:
     return {"step": trainer.step, "history": list(history.rows), "data": loader.stats()}
 
 
+# ----- torch.distributed on loopback (a local run) -----
+
+def _loopback_interface() -> str:
+    """The loopback network interface's name: "lo" on Linux, "lo0" on macOS."""
+    return next((name for _, name in socket.if_nameindex() if name.startswith("lo")), "lo")
+
+
+def _use_loopback() -> None:
+    """On a worker: gloo and NCCL open their sockets on the loopback interface only."""
+    lo = _loopback_interface()
+    os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = lo
+    os.environ["MASTER_ADDR"] = "127.0.0.1"  # for any library that reads it; the store below is a file
+
+
+class _LoopbackTorchBackend(_TorchBackend):
+    """Ray's torch backend with a file rendezvous instead of its env:// TCPStore.
+
+    torch's TCPStore server, which Ray's env:// rendezvous starts on rank 0, listens on every
+    interface whatever MASTER_ADDR says (the address only tells clients where to connect),
+    and has no authentication. On one machine a FileStore does the same job with no socket.
+    """
+
+    def on_start(self, worker_group, backend_config: TorchConfig) -> None:
+        self.folder = tempfile.mkdtemp(prefix="clip-rendezvous-")  # fresh per start: a restart never reuses it
+        store = Path(self.folder, "store").as_uri()
+        worker_group.execute(_use_loopback)
+        worker_group.execute(_set_torch_distributed_env_vars)
+        n = len(worker_group)
+        ray.get([worker_group.execute_single_async(i, _setup_torch_process_group, backend=backend_config.backend,
+                                                   world_rank=i, world_size=n, init_method=store,
+                                                   timeout_s=backend_config.timeout_s) for i in range(n)])
+
+    def on_shutdown(self, worker_group, backend_config: TorchConfig) -> None:
+        try:
+            super().on_shutdown(worker_group, backend_config)
+        finally:
+            shutil.rmtree(getattr(self, "folder", ""), ignore_errors=True)
+
+
+@dataclasses.dataclass
+class LoopbackTorchConfig(TorchConfig):
+    """TorchConfig for a cluster whose every node is this machine: nothing listens beyond 127.0.0.1."""
+
+    @property
+    def backend_cls(self):
+        return _LoopbackTorchBackend
+
+
+def local_cluster() -> bool:
+    """Whether every node of the connected Ray cluster is on a loopback address (one machine)."""
+    addresses = [node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")]
+    try:
+        return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
+    except ValueError:  # a host name, not an address: not provably this machine
+        return False
+
+
 # ----- on the driver -----
 
 def _check_ray_address(address: str) -> None:
@@ -177,11 +251,6 @@ def connect_ray(cfg: TrainConfig) -> None:
         ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray"))
 
 
-def _is_dir(uri: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(uri)
-    return fs.isdir(path)
-
-
 def _absolute(path: str) -> str:
     """Local paths made absolute; URIs (s3://, gs://, ...) unchanged."""
     return path if "://" in path else str(Path(path).resolve())
@@ -195,85 +264,177 @@ def _run_config(cfg: TrainConfig) -> RunConfig:
 
 
 def _open_run(cfg: TrainConfig, urls: list[str]) -> tuple[Tracker, str | None]:
+    """Open the MLflow run; a resumed run first ends the RUNNING run its killed predecessor left."""
     tracker = Tracker(cfg.mlflow_uri or default_tracking_uri(cfg.output))
-    tags = {"git_commit": git_commit(str(Path(__file__).resolve().parent)), **corpus_tags(cfg.corpus, len(urls))}
+    tags = {"git_commit": git_commit(str(Path(__file__).resolve().parent)), **corpus_tags(cfg.corpus, len(urls)),
+            "output": cfg.output}
     if cfg.mlflow_parent_run_id:  # a stage of a pipeline run (flows/pipeline.py)
         tags |= {"mlflow.parentRunId": cfg.mlflow_parent_run_id, "stage": "train"}
+    if cfg.resume != "never":
+        ended = tracker.end_stale(cfg.experiment, cfg.name, {"output": cfg.output})
+        tags |= {"continues_runs": ",".join(ended)} if ended else {}
     params = {**cfg.to_dict(), "preset_config": load_preset(cfg.preset).to_dict()}
     return tracker, tracker.start(cfg.experiment, cfg.name, params, tags)
 
 
+@contextlib.contextmanager
+def _closing(tracker: Tracker):
+    """The MLflow run never stays RUNNING: KILLED on SIGTERM/SIGINT, FAILED on an error (re-raised)."""
+    terminated = []
+
+    def on_sigterm(signum, frame):
+        terminated.append(signum)
+        # SystemExit is what a blocking ray.get lets through (Ray swallows other exceptions from handlers)
+        raise SystemExit(128 + signum)
+
+    main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
+    try:
+        yield
+    except BaseException as e:
+        # during fit() Ray Train's own SIGINT handler aborts the run and exits: a SystemExit here too
+        killed = terminated or isinstance(e, (KeyboardInterrupt, SystemExit))
+        tracker.end("KILLED" if killed else "FAILED")
+        if terminated:  # Ray re-raises its own SystemExit: keep the signal's exit status
+            raise SystemExit(128 + terminated[0]) from None
+        raise
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def _export(result, output: Path, tracker: Tracker, cfg: TrainConfig) -> Path:
-    """Copy the final model (safetensors + config.json) to OUT/model; log and register it."""
-    model_dir = output / "model"
-    with result.checkpoint.as_directory() as folder:
-        shutil.rmtree(model_dir, ignore_errors=True)
-        model_dir.mkdir(parents=True)
-        for name in ("model.safetensors", "config.json"):
-            shutil.copy2(Path(folder) / name, model_dir / name)
+    """Copy the final model (safetensors + config.json) to OUT/model; log and register it.
+
+    Built beside OUT/model and swapped in, so a failed export leaves the previous model whole.
+    """
+    model_dir, tmp = output / "model", Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=output))
+    try:
+        with result.checkpoint.as_directory() as folder:
+            for name in ("model.safetensors", "config.json"):
+                shutil.copy2(Path(folder) / name, tmp / name)
+        old = output / f".model.old-{os.getpid()}"
+        if model_dir.exists():
+            os.replace(model_dir, old)
+        os.replace(tmp, model_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     tracker.log_artifacts(str(model_dir), "model")
     tracker.register(f"clip-{cfg.preset}", "model")
     return model_dir
 
 
 def _checked(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
-    """The config with absolute local paths (Ray Train workers run in the run's folder) and the shards."""
-    urls, _ = check_corpus(cfg.corpus), cfg.total_steps
-    missing = [p for p in cfg.eval if not _is_dir(p)]
-    if missing:
-        raise FileNotFoundError(f"eval sets not found: {missing}")
+    """The config with absolute local paths (Ray Train workers run in the run's folder) and the shards.
+
+    Every input is checked here, before Ray, MLflow or OUT are touched: InputError names the fix.
+    """
     output = Path(cfg.output).resolve()
-    output.mkdir(parents=True, exist_ok=True)
+    if output.exists() and not output.is_dir():
+        raise InputError(str(output), "OUT is a file, not a folder", "give a folder for the training's outputs")
     resume = cfg.resume if cfg.resume in ("auto", "never") else _absolute(cfg.resume)
-    return dataclasses.replace(cfg, output=str(output), eval=[_absolute(p) for p in cfg.eval], resume=resume,
-                               storage_path=_absolute(cfg.storage_path or str(output / "ray"))), urls
+    cfg = dataclasses.replace(cfg, output=str(output), eval=[_absolute(p) for p in cfg.eval], resume=resume,
+                              storage_path=_absolute(cfg.storage_path or str(output / "ray")))
+    urls = check_training_inputs(cfg)
+    _check_ray_checkpoint(cfg)
+    output.mkdir(parents=True, exist_ok=True)
+    return cfg, urls
+
+
+def _ray_checkpoint(cfg: TrainConfig) -> Path | None:
+    """The checkpoint Ray Train restores for this run name: its snapshot's latest (local storage only)."""
+    if cfg.resume == "never" or "://" in cfg.storage_path:
+        return None
+    run = Path(cfg.storage_path) / cfg.name
+    snapshot = run / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+    except FileNotFoundError:
+        return None
+    except (ValueError, AttributeError) as e:
+        raise InputError(str(snapshot), f"not Ray's JSON record of a run ({e})", RESUME_FIX) from None
+    name = latest.get("checkpoint_dir_name") if isinstance(latest, dict) else None
+    return run / name if isinstance(name, str) else None  # another layout (a newer Ray): Ray checks it itself
+
+
+def _check_ray_checkpoint(cfg: TrainConfig) -> None:
+    """The checkpoint Ray would resume from exists, is whole and is of the configured model."""
+    folder = _ray_checkpoint(cfg)
+    if folder is None:
+        return
+    if not folder.is_dir():
+        raise InputError(str(folder), f"Ray's record of run {cfg.name!r} names this checkpoint, and it is gone",
+                         "start afresh with --resume never or a new OUT")
+    check_checkpoint_matches(folder, cfg)
 
 
 def _torch_trainer(cfg: TrainConfig, loop_config: dict) -> TorchTrainer:
     """Workers (gloo on CPU, nccl on GPU) with their resources, storage, checkpoints, failures."""
     use_gpu = cfg.gpus_per_worker > 0
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
-    return TorchTrainer(train_func, train_loop_config=loop_config,
-                        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+    torch_config = (LoopbackTorchConfig if local_cluster() else TorchConfig)(backend="nccl" if use_gpu else "gloo")
+    return TorchTrainer(train_func, train_loop_config=loop_config, torch_config=torch_config,
                         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                                      resources_per_worker=resources),
                         run_config=_run_config(cfg))
 
 
 def train(cfg: TrainConfig, callbacks: list | None = None) -> dict:
-    """Run CLIP training on Ray; returns a summary. Raises TrainingError, ValueError, ConnectionError."""
+    """Run CLIP training on Ray; returns a summary. Raises InputError (before anything starts), TrainingError,
+    ConnectionError."""
     # [1] Check the inputs before starting anything
     cfg, urls = _checked(cfg)
     # [2] Connect to Ray, then open the MLflow run: options, preset, commit, corpus
     connect_ray(cfg)
     tracker, run_id = _open_run(cfg, urls)
-    # [3] The TorchTrainer; configs cross to the workers as plain dicts
-    resume_from = None if cfg.resume in ("auto", "never") else cfg.resume
-    trainer = _torch_trainer(cfg, {"train": cfg.to_dict(), "urls": urls, "run_id": run_id, "tracking_uri": tracker.uri,
-                                   "resume_from": resume_from, "callbacks": list(callbacks or [])})
-    # [4] Train; failures come back with the last checkpoint named
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        tracker.end("FAILED")
-        raise TrainingError(f"training failed: {e}; checkpoints stay under {cfg.storage_path}") from e
-    value = result.return_value or {}
-    if "error" in value:
-        tracker.end("FAILED")
-        where = result.checkpoint.path if result.checkpoint else "none was written"
-        raise TrainingError(f"{value['error']}; training stopped, last good checkpoint: {where}")
-    # [5] The final model to OUT/model, MLflow artifact and registry
-    model_dir = _export(result, Path(cfg.output), tracker, cfg)
+    with _closing(tracker):
+        # [3] The TorchTrainer; configs cross to the workers as plain dicts
+        resume_from = None if cfg.resume in ("auto", "never") else cfg.resume
+        trainer = _torch_trainer(cfg, {"train": cfg.to_dict(), "urls": urls, "run_id": run_id,
+                                       "tracking_uri": tracker.uri, "resume_from": resume_from,
+                                       "callbacks": list(callbacks or [])})
+        # [4] Train; failures come back with the last checkpoint named
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as e:
+            raise TrainingError(f"training failed: {e}; checkpoints stay under {cfg.storage_path}") from e
+        value = result.return_value or {}
+        if "error" in value:
+            where = result.checkpoint.path if result.checkpoint else "none was written"
+            raise TrainingError(f"{value['error']}; training stopped, last good checkpoint: {where}")
+        # [5] The final model to OUT/model, MLflow artifact and registry
+        model_dir = _export(result, Path(cfg.output), tracker, cfg)
     tracker.end("FINISHED")
     return {"steps": value.get("step"), "model": str(model_dir), "checkpoint": result.checkpoint.path,
             "mlflow_run_id": run_id, "tracking_uri": tracker.uri, "history": value.get("history", []),
             "data": value.get("data", {})}
 
 
+def run_train_command(args: argparse.Namespace) -> int:
+    """`clip-pipeline train`: run Ray Train and print where the model went; 0 done, 1 failed, 2 bad input."""
+    try:
+        config = config_from_args(args)
+        config.total_steps
+    except BAD_INPUT_ERRORS as e:
+        print(f"clip-pipeline train: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        summary = train(config)
+    except InputError as e:  # found by the checks train() makes before Ray starts
+        print(f"clip-pipeline train: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (TrainingError, ConnectionError, ValueError, OSError) as e:  # the run started, then failed
+        print(f"clip-pipeline train: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    history = summary.pop("history", [])
+    summary["final_loss"] = history[-1]["loss"] if history else None
+    print(json.dumps(summary, indent=2, default=str))
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m flows.train CORPUS OUT [options]`: what `clip-pipeline train` and Ray Jobs run."""
-    from clip_core.train.config import add_train_arguments, run_train_command
-
     parser = argparse.ArgumentParser(prog="python -m flows.train", description="CLIP contrastive training on Ray Train")
     return run_train_command(add_train_arguments(parser).parse_args(argv))
 

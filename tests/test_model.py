@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from clip_core.config import CLIPConfig, available_models, load_preset
+from clip_core.errors import InputError
 from clip_core.model import (CLIP, build_model, config_from_state_dict, create_model, load_checkpoint,
                              load_state_dict, save_checkpoint)
 from openai_reference import openai_model_module
@@ -198,6 +199,36 @@ def test_save_checkpoint_round_trip(tmp_path):
 def test_missing_checkpoint_raises(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_random_bytes_are_named_as_not_a_safetensors_file(tmp_path):
+    save_checkpoint(create_model("tiny"), tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    (tmp_path / "loose.safetensors").write_bytes(b"\x00" * 3)
+    for path in (tmp_path / "ckpt", tmp_path / "loose.safetensors"):
+        with pytest.raises(InputError, match=r"model.safetensors: not a safetensors file|"
+                                             r"loose.safetensors: not a safetensors file"):
+            load_checkpoint(path)
+
+
+def test_a_pickle_of_code_is_refused_without_suggesting_to_unpickle_it(tmp_path):
+    import fractions
+    import os
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.getpid, ()
+
+    torch.save({"weights": torch.zeros(2), "hook": RunsCode()}, tmp_path / "code.pt")
+    torch.save({"ratio": fractions.Fraction(1, 3)}, tmp_path / "objects.pt")
+    (tmp_path / "noise.pt").write_bytes(b"\x80\x02garbage" * 10)
+    for name in ("code.pt", "objects.pt"):
+        with pytest.raises(InputError, match=f"{name}: a pickle that is not plain weights .*never unpickles code") as e:
+            load_checkpoint(tmp_path / name)
+        assert "weights_only" not in str(e.value) and "convert it to safetensors" in str(e.value)
+    with pytest.raises(InputError, match="noise.pt: not a PyTorch checkpoint") as e:
+        load_checkpoint(tmp_path / "noise.pt")
+    assert "weights_only" not in str(e.value)
 
 
 # ----- bad input -----

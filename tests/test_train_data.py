@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from clip_core.errors import InputError
 from clip_core.train.data import CorpusError, DataConfig, ShardLoader, check_corpus, iter_samples, list_shards
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 210, 20)}
@@ -74,7 +75,7 @@ def _keys(loader, n_batches):
 
 
 def test_bad_corpora_raise_clearly(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(InputError, match="missing: corpus does not exist"):
         list_shards(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(CorpusError, match="no .tar shards"):
@@ -197,8 +198,9 @@ def test_a_truncated_shard_is_read_up_to_the_damage(tmp_path):
     folder, keys = make_shards(tmp_path, 2, 8)
     shard = folder / "00001.tar"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    loader = _loader(folder)
     with pytest.warns(UserWarning, match="truncated or corrupt"):
-        got = _keys(_loader(folder), 4)
+        got = _keys(loader, 4)
     assert set(keys[:8]) <= set(got) and set(got) <= set(keys)
 
 
@@ -220,5 +222,5 @@ def test_excluded_keys_are_left_out_and_counted(tmp_path):
     (tmp_path / "keys.txt").write_text("\n".join(sorted(dropped)) + "\n")
     assert load_excluded_keys(str(tmp_path / "keys.txt")) == dropped
     pq.write_table(pa.table({"url": ["x"]}), tmp_path / "bad.parquet")
-    with pytest.raises(ValueError, match="no 'key' column"):
+    with pytest.raises(InputError, match="bad.parquet: has no 'key' column"):
         load_excluded_keys(str(tmp_path / "bad.parquet"))

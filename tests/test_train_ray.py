@@ -16,7 +16,8 @@ from clip_core.loss import ClipLoss
 from clip_core.model import load_checkpoint
 from clip_core.train import TrainConfig, build_model_for, build_training, data_config
 from clip_core.train.accum import forward_backward
-from clip_core.train.config import add_train_arguments, config_from_args, run_train_command
+from clip_core.train.config import add_train_arguments, config_from_args
+from flows.train import run_train_command
 from clip_core.train.data import ShardLoader
 from test_train_data import make_shards, shape_image
 
@@ -153,10 +154,13 @@ def test_a_killed_worker_is_restarted_from_its_checkpoint(tmp_path, corpus, ray_
 
     from flows.train import train
 
-    marker = str(tmp_path / "killed-once")
+    marker, losses = str(tmp_path / "killed-once"), str(tmp_path / "losses.jsonl")
 
     class KillRank1Once:
         def on_step_end(self, trainer):
+            if ray.train.get_context().get_world_rank() == 0:  # every attempt's losses, repeats included
+                with open(losses, "a") as f:
+                    f.write(json.dumps([trainer.step, trainer.metrics["loss"]]) + "\n")
             if trainer.step == 6 and ray.train.get_context().get_world_rank() == 1 and not os.path.exists(marker):
                 open(marker, "w").close()
                 time.sleep(8)  # Ray registers the step-4 report at its next health-check poll (every 2 s)
@@ -166,11 +170,105 @@ def test_a_killed_worker_is_restarted_from_its_checkpoint(tmp_path, corpus, ray_
     summary = train(cfg, callbacks=[KillRank1Once()])
     assert os.path.exists(marker) and summary["steps"] == 10
     assert [r["step"] for r in summary["history"]] == list(range(5, 11))  # resumed from step_00000004
-    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     first, second = {}, {}
-    for row in rows:  # the first attempt logs steps 1..6, the second 5..10
-        (second if row["step"] in first and row["step"] not in second else first)[row["step"]] = row["loss"]
+    for step, loss in map(json.loads, open(losses).read().splitlines()):  # attempt one: 1..6 (or 7), two: 5..10
+        (second if step in first and step not in second else first)[step] = loss
     assert 5 in second and all(second[s] == pytest.approx(first[s], rel=1e-5) for s in second)
+    # metrics.jsonl holds each step once: the resumed attempt dropped the rows after its checkpoint
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    assert all(r["loss"] == pytest.approx(first.get(r["step"], second.get(r["step"])), rel=1e-5) for r in rows)
+
+
+@pytest.mark.slow
+def test_a_local_run_listens_on_loopback_only(tmp_path, corpus, ray_cluster):
+    """Every listening TCP socket of this process tree (Ray, its workers, torch.distributed) is on loopback."""
+    import ipaddress
+    import threading
+
+    import psutil  # comes with Ray (imported by the ray_cluster fixture)
+    import ray.train
+
+    from flows.train import train
+
+    listening, done, pids = set(), threading.Event(), str(tmp_path / "pids")
+
+    def watch():
+        me = psutil.Process()
+        while not done.is_set():
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    sockets = proc.net_connections(kind="tcp")
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                listening.update((proc.pid, c.laddr.ip, c.laddr.port) for c in sockets if c.status == psutil.CONN_LISTEN)
+            time.sleep(0.2)
+
+    class RecordPid:
+        def on_train_start(self, trainer):
+            with open(pids, "a") as f:
+                f.write(f"{os.getpid()}\n")
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        summary = train(config(tmp_path, corpus, steps=6, checkpoint_every=3), callbacks=[RecordPid()])
+    finally:
+        done.set()
+        watcher.join()
+    assert summary["steps"] == 6
+
+    def loopback(ip: str) -> bool:
+        address = ipaddress.ip_address(ip.split("%")[0])
+        return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+    workers = {int(p) for p in open(pids).read().split()}
+    assert len(workers) == 2 and workers & {pid for pid, _, _ in listening}  # the watcher saw the workers' sockets
+    assert [s for s in listening if not loopback(s[1])] == []
+
+
+@pytest.mark.slow
+def test_a_terminated_training_closes_its_mlflow_run_and_resumes(tmp_path, corpus, ray_cluster):
+    """SIGTERM to `python -m flows.train`: the MLflow run ends KILLED; `--resume auto` continues it."""
+    import signal
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    from flows.train import train
+
+    out = tmp_path / "out"
+    cfg = config(tmp_path, corpus, steps=400, workers=1, checkpoint_every=2)  # the child's options, as a config
+    argv = [sys.executable, "-m", "flows.train", corpus, str(out), "--preset", "tiny", "--image-size", "32",
+            "--steps", "400", "--batch-size", "16", "--lr", "1e-3", "--warmup", "2", "--precision", "fp32",
+            "--workers", "1", "--cpus-per-worker", "0.5", "--data-workers", "0", "--shuffle-buffer", "16",
+            "--checkpoint-every", "2", "--num-to-keep", "2", "--log-every", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local cluster, not the fixture's
+    child = subprocess.Popen(argv, cwd=os.path.dirname(os.path.dirname(__file__)), env=env, start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (out / "ray" / "clip-train" / "step_00000004").is_dir():
+            assert child.poll() is None and time.time() < deadline, child.communicate()[0][-3000:]
+            time.sleep(0.5)
+        child.send_signal(signal.SIGTERM)
+        log = child.communicate(timeout=120)[0]
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == 128 + signal.SIGTERM, log[-3000:]
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    (killed,) = client.search_runs([client.get_experiment_by_name("clip").experiment_id])
+    assert killed.info.status == "KILLED"
+
+    snapshot = json.loads((out / "ray" / "clip-train" / "checkpoint_manager_snapshot.json").read_text())
+    last = int(snapshot["latest_checkpoint_result"]["checkpoint_dir_name"].split("_")[1])  # what Ray resumes
+    summary = train(dataclasses.replace(cfg, steps=last + 2))  # --resume auto: from the killed run's newest checkpoint
+    assert [r["step"] for r in summary["history"]] == [last + 1, last + 2]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, last + 3))  # the killed run's rows after its checkpoint are gone
+    assert client.get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
 
 
 @pytest.mark.slow
@@ -240,5 +338,5 @@ def test_command_line_overrides_the_config_file(tmp_path):
 def test_bad_input_gives_a_clear_error(tmp_path, capsys, argv, message):
     parser = add_train_arguments(argparse.ArgumentParser())
     args = parser.parse_args([str(tmp_path / "missing"), str(tmp_path / "out"), "--steps", "2", *argv])
-    assert run_train_command(args) != 0
+    assert run_train_command(args) == 2  # bad input: the same exit code as every other command
     assert message in capsys.readouterr().err

@@ -42,7 +42,8 @@ def data_config(cfg: TrainConfig, model: nn.Module, rank: int, world_size: int, 
     return DataConfig(corpus=cfg.corpus, batch_size=cfg.batch_size // world_size, image_size=clip.vision.image_size,
                       context_length=clip.text.context_length, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
                       resampled=cfg.resampled, num_workers=cfg.data_workers, rank=rank, world_size=world_size,
-                      pin_memory=device.type == "cuda", exclude=load_excluded_keys(cfg.exclude))
+                      pin_memory=device.type == "cuda", exclude=load_excluded_keys(cfg.exclude),
+                      exclude_source=cfg.exclude)
 
 
 def build_training(cfg: TrainConfig, *, rank: int = 0, world_size: int = 1, device="cpu",

@@ -13,13 +13,16 @@ import random
 import re
 import shutil
 import uuid
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
-from clip_core.model import load_state_dict, save_checkpoint
+from clip_core.config import CLIPConfig
+from clip_core.errors import InputError
+from clip_core.model import load_state_dict, read_config, read_safetensors, read_torch_weights, save_checkpoint
 from clip_core.train.optim import unwrap
 
 STATE_FILE = "train_state.pt"
@@ -98,7 +101,30 @@ def read_train_state(folder: str | Path) -> dict:
     path = Path(folder) / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {STATE_FILE} in {folder}: not a training checkpoint")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_torch_weights(path)
+
+
+def verify_checkpoint(folder: str | Path) -> CLIPConfig:
+    """The model config of a whole checkpoint folder; InputError naming the damaged or missing file.
+
+    Cheap: reads the safetensors header (which must cover the file) and the zip directory of
+    train_state.pt (at its end, so a cut file has none), not the tensors.
+    """
+    folder = Path(folder)
+    fix = "resume from another checkpoint (--resume FOLDER), or start afresh with --resume never or a new OUT"
+    for name in ("config.json", "model.safetensors", STATE_FILE):
+        if not (folder / name).is_file():
+            raise InputError(str(folder), f"not a whole training checkpoint: no {name}", fix)
+    try:
+        with safe_open(str(folder / "model.safetensors"), "pt"):
+            pass
+    except SafetensorError as e:
+        raise InputError(str(folder / "model.safetensors"), f"truncated or not a safetensors file ({e})", fix) from None
+    try:
+        zipfile.ZipFile(folder / STATE_FILE).close()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise InputError(str(folder / STATE_FILE), f"truncated or damaged ({e})", fix) from None
+    return read_config(folder / "config.json")
 
 
 def load_train_state(folder: str | Path, trainer, restore_rng_states: bool = True) -> dict:
@@ -106,7 +132,7 @@ def load_train_state(folder: str | Path, trainer, restore_rng_states: bool = Tru
     folder = Path(folder)
     state = read_train_state(folder)
     model = unwrap(trainer.model)
-    weights = load_file(str(folder / "model.safetensors"), device=str(next(model.parameters()).device))
+    weights = read_safetensors(folder / "model.safetensors", device=str(next(model.parameters()).device))
     load_state_dict(model, weights)
     trainer.optimizer.load_state_dict(state["optimizer"])
     if trainer.scaler is not None and state["scaler"] is not None:

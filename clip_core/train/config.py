@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -196,20 +195,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_train_command(args: argparse.Namespace) -> int:
-    """`clip-pipeline train`: run Ray Train and print where the model went; 0 on success."""
-    try:
-        config = config_from_args(args)
-        config.total_steps
-        from flows.train import TrainingError, train  # Ray lives in flows/, imported only here
-    except (ValueError, FileNotFoundError) as e:
-        print(f"clip-pipeline train: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        summary = train(config)
-    except (TrainingError, ValueError, FileNotFoundError, ConnectionError) as e:
-        print(f"clip-pipeline train: error: {e}", file=sys.stderr)
-        return 1
-    history = summary.pop("history", [])
-    summary["final_loss"] = history[-1]["loss"] if history else None
-    print(json.dumps(summary, indent=2, default=str))
-    return 0
+    """Transition shim: the handler lives in flows.train; remove once flows/cli.py registers it from there."""
+    from flows.train import run_train_command as run
+
+    return run(args)

@@ -15,6 +15,12 @@ those references name. Workers yield whole batches
 with their stream's state; the loader keeps the state of the last batch it consumed from
 each stream, and batch b comes from stream b mod N, so a resume rotates the workers to
 start where the run stopped. Crops are seeded per sample, so a resume is exact.
+
+Nothing is dropped uncounted: excluded keys, samples without image or caption, undecodable
+ones and the samples a truncated tar lost (from img2dataset's listing beside it when there
+is one, else the sample being read) are counted by reason. Nothing loops unbounded: a stream
+that reads a whole epoch's share of units without one usable sample stops with an error
+naming the cause (for instance an --exclude file that excludes everything).
 """
 from __future__ import annotations
 
@@ -25,22 +31,32 @@ import tarfile
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import fsspec
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from clip_core.errors import InputError
 from clip_core.tokenizer import tokenize
 from clip_core.transforms import ImageDecodeError, image_transform, load_image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXT = "txt"
 MAX_CONSECUTIVE_SKIPS = 10_000
+SKIP_REASONS = ("incomplete", "undecodable", "truncated")  # no image or caption; bytes that do not decode; lost tar
+EXCLUDE_FIX = "--exclude takes the samples to leave out (dedup's matches.parquet), not the ones to keep"
 
 
-class CorpusError(ValueError):
-    """The corpus cannot be trained on (no shards, no images, changed since a checkpoint)."""
+class CorpusError(InputError):
+    """The corpus cannot be trained on (no shards, no images, all excluded, changed since a checkpoint)."""
+
+    def __reduce__(self):  # picklable: it crosses DataLoader and Ray worker processes
+        return type(self), (self.where, self.problem, self.fix)
+
+
+class TruncatedShardError(tarfile.ReadError):
+    """A tar that ends without its end-of-archive blocks: cut at a member boundary."""
 
 
 @dataclass(frozen=True)
@@ -57,22 +73,36 @@ class DataConfig:
     world_size: int = 1
     pin_memory: bool = False
     exclude: frozenset = frozenset()  # sample keys left out (dedup's matches: near-copies of eval images)
+    exclude_source: str | None = None  # the file `exclude` came from, for messages
 
 
 def load_excluded_keys(uri: str | None) -> frozenset:
     """Keys to leave out: a Parquet file with a `key` column (dedup's matches.parquet) or a text file, one a line."""
     if not uri:
         return frozenset()
-    if uri.endswith(".parquet"):
-        import pyarrow.parquet as pq
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.isfile(path):
+        raise InputError(uri, "--exclude file does not exist", "give dedup's matches.parquet, or drop --exclude")
+    if posixpath.basename(path) == "kept_keys.parquet":
+        raise InputError(uri, "is dedup's list of the samples to KEEP: excluding it would leave out every kept sample",
+                         EXCLUDE_FIX)
+    if not uri.endswith(".parquet"):
+        with fsspec.open(uri, "r") as f:
+            return frozenset(line.strip() for line in f if line.strip())
+    import pyarrow.parquet as pq
 
-        with fsspec.open(uri, "rb") as f:
+    with fsspec.open(uri, "rb") as f:
+        try:
             table = pq.read_table(f)
-        if "key" not in table.column_names:
-            raise ValueError(f"{uri} has no 'key' column; columns present: {table.column_names}")
-        return frozenset(table.column("key").to_pylist())
-    with fsspec.open(uri, "r") as f:
-        return frozenset(line.strip() for line in f if line.strip())
+        except Exception as e:  # Arrow's errors do not name the file
+            raise InputError(uri, f"not a readable Parquet file ({type(e).__name__}: {e})", EXCLUDE_FIX) from e
+    columns = set(table.column_names)
+    if "key" not in columns:
+        raise InputError(uri, f"has no 'key' column; columns present: {table.column_names}", EXCLUDE_FIX)
+    if columns == {"key", "shard"}:  # the shape of dedup's kept_keys.parquet, renamed
+        raise InputError(uri, "has the columns of dedup's kept_keys.parquet (key, shard): a list of samples to keep",
+                         EXCLUDE_FIX)
+    return frozenset(table.column("key").to_pylist())
 
 
 def list_shards(uri: str, storage_options: dict | None = None) -> list[str]:
@@ -85,15 +115,19 @@ def list_shards(uri: str, storage_options: dict | None = None) -> list[str]:
     elif fs.isdir(path):
         paths = fs.glob(posixpath.join(path, "*.tar"))
     else:
-        raise FileNotFoundError(f"corpus {uri} does not exist")
+        raise CorpusError(uri, "corpus does not exist", "give the folder of .tar shards that `clip-pipeline crawl` wrote")
     paths = sorted(p for p in paths if p.endswith(".tar"))
     if not paths:
-        raise CorpusError(f"no .tar shards in {uri}")
+        raise CorpusError(uri, "no .tar shards in the corpus", "give the folder that `clip-pipeline crawl` wrote")
     return [fs.unstrip_protocol(p) for p in paths]
 
 
 def iter_samples(url: str) -> Iterator[tuple[str, dict]]:
-    """(key, {ext: bytes}) of one shard in order; members grouped by the name before the first dot."""
+    """(key, {ext: bytes}) of one shard in order; members grouped by the name before the first dot.
+
+    A tar cut inside a member raises tarfile.ReadError; one cut at a member boundary (no
+    end-of-archive blocks) raises TruncatedShardError before its last, possibly partial, sample.
+    """
     key, sample = None, {}
     with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         for member in tar:
@@ -107,28 +141,74 @@ def iter_samples(url: str) -> Iterator[tuple[str, dict]]:
                 sample = {}
             key = name
             sample[ext.lower()] = tar.extractfile(member).read()
+        size = getattr(f, "size", None)
+        if getattr(tar.fileobj, "comptype", "tar") == "tar" and size is not None and size < tar.offset + tarfile.BLOCKSIZE:
+            raise TruncatedShardError(f"no end-of-archive marker after byte {tar.offset}")
     if sample:
         yield key, sample
 
 
-def check_corpus(uri: str, max_shards: int = 8) -> list[str]:
-    """The shards of `uri`; raise CorpusError when the first shards hold no image."""
+def check_corpus(uri: str, max_shards: int = 8, exclude: frozenset = frozenset(),
+                 exclude_source: str | None = None) -> list[str]:
+    """The shards of `uri`; raise CorpusError when the first shards hold no image that `exclude` leaves in.
+
+    Reading stops at the first usable image; only a bad corpus or exclusion reads all `max_shards`.
+    """
     urls = list_shards(uri)
+    excluded = 0
     for url in urls[:max_shards]:
-        for _, sample in iter_samples(url):
-            if any(ext in sample for ext in IMAGE_EXTS):
-                return urls
-    raise CorpusError(f"no images ({'/'.join(IMAGE_EXTS)}) in the first {min(len(urls), max_shards)} shards of {uri}")
+        try:
+            for key, sample in iter_samples(url):
+                if any(ext in sample for ext in IMAGE_EXTS):
+                    if key not in exclude:
+                        return urls
+                    excluded += 1
+        except (tarfile.TarError, EOFError):
+            continue  # training counts what a damaged shard lost; the next shard may be whole
+    checked = f"the first {min(len(urls), max_shards)} of {len(urls)} shards"
+    if excluded:
+        raise InputError(exclude_source or "--exclude", f"excludes every one of the {excluded} images in {checked} "
+                         f"of {uri}: it would exclude every sample", EXCLUDE_FIX)
+    raise CorpusError(uri, f"no images ({'/'.join(IMAGE_EXTS)}) in {checked}", "check that the crawl succeeded")
 
 
-def _read_unit(url: str, m: int, slices: int, skip: int = 0) -> Iterator[tuple[int, str, dict]]:
-    """(index, key, sample) of slice m of a shard, from index `skip`; a truncated tar just ends."""
+def listed_samples(url: str) -> int | None:
+    """How many samples img2dataset's parquet beside a shard says it wrote (status success), or None."""
+    import pyarrow.parquet as pq
+
+    sidecar = url[: -len(".tar")] + ".parquet"
+    try:
+        with fsspec.open(sidecar, "rb") as f:
+            listing = pq.ParquetFile(f)
+            if "status" not in listing.schema_arrow.names:
+                return listing.metadata.num_rows
+            return sum(s == "success" for s in listing.read(columns=["status"]).column("status").to_pylist())
+    except Exception:  # no listing (or an unreadable one): the loss is counted from the tar alone
+        return None
+
+
+def _lost(url: str, read: int, m: int, slices: int) -> int:
+    """Samples of slice m that a shard truncated after `read` whole samples lost (at least the one being read)."""
+    total = listed_samples(url)
+    total = total if total is not None and total > read else read + 1
+    first = read + (m - read) % slices
+    return len(range(first, total, slices))
+
+
+def _read_unit(url: str, m: int, slices: int, skip: int = 0,
+               on_lost: Callable[[int], None] = lambda n: None) -> Iterator[tuple[int, str, dict]]:
+    """(index, key, sample) of slice m of a shard, from index `skip`; a truncated tar ends, its loss reported."""
+    read = 0
     try:
         for j, (key, sample) in enumerate(iter_samples(url)):
+            read = j + 1
             if j % slices == m and j // slices >= skip:
                 yield j // slices, key, sample
     except (tarfile.TarError, EOFError) as e:  # deterministic: a resume stops at the same place
-        warnings.warn(f"shard {url} is truncated or corrupt ({e}); skipping its rest")
+        lost = _lost(url, read, m, slices)
+        on_lost(lost)
+        warnings.warn(f"shard {url} is truncated or corrupt ({e}); {lost} samples of it lost (counted as skipped: "
+                      f"truncated)")
 
 
 def _seed(*parts) -> int:
@@ -148,6 +228,8 @@ class _Stream:
         self.pos, self.offset = state.get("pos", 0), state.get("offset", 0)
         self.good, self.skipped = state.get("good", 0), state.get("skipped", 0)
         self.excluded = state.get("excluded", 0)
+        self.reasons = {r: state.get("skip_reasons", {}).get(r, 0) for r in SKIP_REASONS}
+        self._mark = (self.pos, self.excluded, self.skipped)  # the first unit read since the last usable sample
         if "rng" in state:
             self.rng.setstate(_tuples(state["rng"]))
         self._perm: tuple[int, list[int]] | None = None
@@ -164,19 +246,24 @@ class _Stream:
             self._perm = (epoch, order)
         return self.units[self._perm[1][self.stream + i * self.n_streams]]
 
-    def _read(self, pos: int, skip: int = 0):
+    def _read(self, pos: int, skip: int = 0, count: bool = True):
         shard, m, slices = self.unit_at(pos)
-        return _read_unit(self.urls[shard], m, slices, skip)
+        return _read_unit(self.urls[shard], m, slices, skip, self._count_truncated if count else lambda n: None)
+
+    def _count_truncated(self, lost: int) -> None:
+        self.skipped += lost
+        self.reasons["truncated"] += lost
 
     def _restore(self, refs: list) -> list:
         """Buffer entries (ref, key, sample) re-read for references [(pos, index), ...]."""
         found = {}
         for pos in dict.fromkeys(p for p, _ in refs):
             wanted = {i for p, i in refs if p == pos}
-            found.update({(pos, i): (key, s) for i, key, s in self._read(pos) if i in wanted})
+            found.update({(pos, i): (key, s) for i, key, s in self._read(pos, count=False) if i in wanted})
         missing = [tuple(r) for r in refs if tuple(r) not in found]
         if missing:
-            raise CorpusError(f"samples {missing[:3]} of the checkpoint's data position are gone: corpus changed?")
+            raise CorpusError(self.cfg.corpus, f"samples {missing[:3]} of the checkpoint's data position are gone",
+                              "the corpus changed since the checkpoint: train with --resume never or a new OUT")
         return [((p, i), *found[(p, i)]) for p, i in refs]
 
     def raw(self) -> Iterator[tuple]:
@@ -186,6 +273,7 @@ class _Stream:
             if self.pos % self.per_epoch == 0 and self.offset == 0:
                 while self.buffer:  # epoch boundary: drain, so every epoch holds each sample once
                     yield self._pop()
+                self._check_progress()  # every sample read so far has been offered
             skip, seen = self.offset, False
             for idx, key, sample in self._read(self.pos, skip):
                 seen, self.offset = True, idx + 1
@@ -194,7 +282,8 @@ class _Stream:
                     yield self._pop()
             empty_units = 0 if seen or skip else empty_units + 1
             if empty_units >= self.per_epoch:
-                raise CorpusError(f"stream {self.stream} read a whole epoch of empty shards")
+                raise CorpusError(self.cfg.corpus, f"stream {self.stream} read a whole epoch of empty shards",
+                                  "check the crawl's shards")
             self.pos, self.offset = self.pos + 1, 0
 
     def _pop(self) -> tuple:
@@ -203,38 +292,60 @@ class _Stream:
         return self.buffer.pop()
 
     def samples(self) -> Iterator[tuple[str, torch.Tensor, str]]:
-        """(key, image (3, S, S), caption), skipping and counting undecodable samples."""
+        """(key, image (3, S, S), caption), skipping and counting excluded and unusable samples."""
         consecutive = 0
         for (pos, idx), key, sample in self.raw():
             if key in self.cfg.exclude:
                 self.excluded += 1
                 continue
-            item = self._decode(key, sample, _seed(self.cfg.seed, self.stream, pos, idx))
+            item, reason = self._decode(key, sample, _seed(self.cfg.seed, self.stream, pos, idx))
             if item is None:
                 self.skipped, consecutive = self.skipped + 1, consecutive + 1
+                self.reasons[reason] += 1
                 if consecutive >= MAX_CONSECUTIVE_SKIPS:
-                    raise CorpusError(f"{consecutive} undecodable samples in a row in {self.cfg.corpus}")
+                    raise CorpusError(self.cfg.corpus, f"{consecutive} unusable samples in a row "
+                                      f"({self.reasons})", "check the crawl's shards")
                 continue
             self.good, consecutive = self.good + 1, 0
+            self._mark = (self.pos + 1, self.excluded, self.skipped)
             yield item
 
-    def _decode(self, key: str, sample: dict, seed: int):
+    def _check_progress(self) -> None:
+        """Stop, naming the cause, when a whole epoch's share of units in a row gave no usable sample.
+
+        Called at an epoch boundary with the buffer drained, so every sample read has been offered.
+        Without it, a stream whose every sample is excluded or unusable would read forever.
+        """
+        pos, excluded, skipped = self._mark
+        if self.pos - pos < self.per_epoch:
+            return
+        excluded, skipped = self.excluded - excluded, self.skipped - skipped
+        counts = f"{excluded} excluded, {skipped} unusable (reasons so far: {self.reasons})"
+        where = f"stream {self.stream} read {self.pos - pos} shard(s) of {self.cfg.corpus}, a whole epoch's share"
+        if excluded:
+            raise CorpusError(self.cfg.exclude_source or "--exclude", f"excluded every sample: {where}, and found no "
+                              f"sample to train on: {counts}", EXCLUDE_FIX)
+        raise CorpusError(self.cfg.corpus, f"{where}, and found no usable sample: {counts}", "check the crawl's shards")
+
+    def _decode(self, key: str, sample: dict, seed: int) -> tuple[tuple | None, str | None]:
+        """((key, image, caption), None), or (None, the reason it is skipped)."""
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if ext is None or TEXT_EXT not in sample:
-            return None
+            return None, "incomplete"
         try:
             image = load_image(sample[ext], name=key)
             caption = sample[TEXT_EXT].decode("utf-8").strip()
         except (ImageDecodeError, UnicodeDecodeError):
-            return None
+            return None, "undecodable"
         crop = image_transform(self.cfg.image_size, train=True, generator=seed)
-        return key, crop(image), caption
+        return (key, crop(image), caption), None
 
     def state(self) -> dict:
         """The position after the last sample taken."""
         return {"stream": self.stream, "pos": self.pos, "offset": self.offset, "epoch": self.pos // self.per_epoch,
                 "buffer": [ref for ref, _, _ in self.buffer], "rng": self.rng.getstate(),
-                "good": self.good, "skipped": self.skipped, "excluded": self.excluded}
+                "good": self.good, "skipped": self.skipped, "excluded": self.excluded,
+                "skip_reasons": dict(self.reasons)}
 
 
 def _tuples(x):
@@ -298,8 +409,9 @@ class ShardLoader:
         self.batches, self.states = state["batches"], dict(state["streams"])
 
     def stats(self) -> dict:
-        """Samples decoded and skipped, and the lowest epoch, over this rank's streams."""
+        """Samples decoded, skipped (by reason) and excluded, and the lowest epoch, over this rank's streams."""
         states = self.states.values()
+        reasons = {r: sum(s.get("skip_reasons", {}).get(r, 0) for s in states) for r in SKIP_REASONS}
         return {"good": sum(s["good"] for s in states), "skipped": sum(s["skipped"] for s in states),
-                "excluded": sum(s.get("excluded", 0) for s in states),
+                "skip_reasons": reasons, "excluded": sum(s.get("excluded", 0) for s in states),
                 "epoch": min((s["epoch"] for s in states), default=0)}

@@ -1,0 +1,74 @@
+"""Check at the door: what `train` reads, validated before any cluster, tracker or worker starts.
+
+A mistake found inside the workers surfaces half a minute in, as one traceback per rank;
+found here it is one InputError naming the file, the field and the fix (exit code 2).
+The checks are cheap: the corpus is read up to its first usable image, a checkpoint up to
+its headers.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import fsspec
+
+from clip_core.config import load_preset
+from clip_core.errors import InputError, check
+from clip_core.train.checkpoint import verify_checkpoint
+from clip_core.train.config import TrainConfig
+from clip_core.train.data import check_corpus, list_shards, load_excluded_keys
+
+RESUME_FIX = "give a checkpoint folder (OUT/ray/NAME/step_N), --resume auto to continue OUT's run, " \
+             "or --resume never to start afresh"
+
+
+def _is_dir(uri: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs.isdir(path)
+
+
+def check_training_inputs(cfg: TrainConfig) -> list[str]:
+    """The corpus's shard URIs, once every input of `cfg` is known to be usable; raises InputError."""
+    cfg.total_steps  # --steps or --samples given
+    list_shards(cfg.corpus)  # the corpus exists and has shards: the first thing a user gives
+    missing = [p for p in cfg.eval if not _is_dir(p)]
+    check(not missing, "--eval", f"eval set folders not found: {missing}", "give folders written by "
+          "`clip-pipeline web generate` or in CLIP_benchmark's layout")
+    exclude = load_excluded_keys(cfg.exclude)
+    urls = check_corpus(cfg.corpus, exclude=exclude, exclude_source=cfg.exclude)
+    if cfg.resume not in ("auto", "never"):
+        check("://" in cfg.resume or Path(cfg.resume).is_dir(), "--resume", f"{cfg.resume} does not exist", RESUME_FIX)
+        if "://" not in cfg.resume:
+            check_checkpoint_matches(cfg.resume, cfg)
+    return urls
+
+
+def model_config(cfg: TrainConfig):
+    """The CLIPConfig that `cfg` trains: its preset with the --image-size override."""
+    config = load_preset(cfg.preset)
+    return config.replace(vision_cfg={"image_size": cfg.image_size}) if cfg.image_size else config
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _differences(saved, wanted) -> list[str]:
+    """"vision_cfg.width: checkpoint 256 vs configured 128" for each field where two CLIPConfigs differ."""
+    a, b = _flat(saved.to_dict()), _flat(wanted.to_dict())
+    return [f"{k}: checkpoint {a.get(k)} vs configured {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def check_checkpoint_matches(folder: str | Path, cfg: TrainConfig) -> None:
+    """InputError unless `folder` is a whole checkpoint of the model that `cfg` trains."""
+    saved, wanted = verify_checkpoint(folder), model_config(cfg)
+    if saved.to_dict() == wanted.to_dict():
+        return
+    diff = "; ".join(_differences(saved, wanted)[:4])
+    size = f" --image-size {cfg.image_size}" if cfg.image_size else ""
+    raise InputError(str(Path(folder) / "config.json"), f"this checkpoint is of another model than --preset "
+                     f"{cfg.preset}{size} ({diff})", "train with the checkpoint's preset to continue it, or start "
+                     "afresh with --resume never or a new OUT")
