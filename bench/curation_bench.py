@@ -94,12 +94,13 @@ def anchor(files: list[str], queries_uri: str, out: str, t: int) -> dict:
 
 def ours(files: list[str], queries_uri: str, out: str, t: int, workers: int) -> dict:
     """clip_core.curation.curate with a LocalExecutor; pass times from a timing executor."""
-    from clip_core.curation.curate import LocalExecutor, curate
+    from clip_core.curation.curate import curate
+    from clip_core.executors import LocalExecutor
 
     class Timed(LocalExecutor):
         def map(self, fn, items):
             start = time.perf_counter()
-            result = super().map(fn, items)
+            result = list(super().map(fn, items))  # map is lazy: time the whole pass
             passes[fn.__name__] = round(time.perf_counter() - start, 2)
             return result
 

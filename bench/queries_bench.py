@@ -78,7 +78,7 @@ def anchor(path: str) -> dict:
 def ours(path: str, workers: int, out: str) -> dict:
     import pyarrow.parquet as pq
 
-    from clip_core.curation.curate import LocalExecutor
+    from clip_core.executors import LocalExecutor
     from clip_core.curation.queries import build_queries
 
     with LocalExecutor(workers) as executor:

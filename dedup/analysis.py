@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from clip_core.checks import check_out_folder, whole_number
 from clip_core.errors import InputError, check
 from dedup.overlap import OverlapStats, check_matches_file, overlap_from_matches
 
@@ -42,9 +43,8 @@ def zeroshot_correct(checkpoint: str, eval_dirs: Sequence[str], batch_size: int 
 def run_overlap_analysis(checkpoint: str, eval_dirs: Sequence[str], matches_uri: str, out_dir: str,
                          batch_size: int = 64) -> list[OverlapStats]:
     """Write overlap.json, overlap.md and overlap.png for `checkpoint` under `out_dir`."""
-    from clip_core.eval.checks import check_int, check_out_folder
-    check_int(batch_size, "--batch-size", 1)
-    check_out_folder(out_dir, "--out")
+    whole_number("--batch-size", batch_size)
+    check_out_folder("--out", out_dir)
     check_matches_file(matches_uri)
     correct = zeroshot_correct(checkpoint, eval_dirs, batch_size)
     return overlap_from_matches(matches_uri, correct, out_dir)

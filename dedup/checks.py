@@ -9,10 +9,10 @@ from collections.abc import Sequence
 
 import fsspec
 
-from clip_core.errors import InputError, check
-from clip_core.eval.checks import (
-    check_device, check_finite, check_folder, check_fraction, check_int, check_out_folder,
+from clip_core.checks import (
+    check_device, check_folder, check_out_folder, finite_number, fraction, whole_number,
 )
+from clip_core.errors import InputError, check
 
 
 def list_corpus_shards(corpus_uri: str, storage_options: dict | None = None) -> list[str]:
@@ -30,7 +30,7 @@ def list_corpus_shards(corpus_uri: str, storage_options: dict | None = None) -> 
 def check_thresholds(thresholds: dict | None) -> dict | None:
     """Manual thresholds {descriptor name: finite similarity}."""
     for name, value in (thresholds or {}).items():
-        check_finite(value, f"--threshold {name}")
+        finite_number(f"--threshold {name}", value)
     return thresholds or None
 
 
@@ -40,31 +40,31 @@ def check_dedup_options(eval_dirs: Sequence[str], out_uri: str, *, precision: fl
     """Every option of `dedup`, and the eval and output folders exist as they should."""
     check(len(eval_dirs) > 0, "--eval", "dedup needs at least one eval set folder", "pass --eval EVALDIR")
     for root in eval_dirs:
-        check_folder(root, f"--eval {root}", "eval set folder")
+        check_folder(f"--eval {root}", root, "eval set folder")
     check(len(splits) > 0 and all(splits), "--split", f"no split names in {list(splits)}", "pass --split test")
-    check_out_folder(out_uri, f"OUT {out_uri}")
-    check_fraction(precision, "--precision")
+    check_out_folder(f"OUT {out_uri}", out_uri)
+    fraction("--precision", precision)
     check_thresholds(thresholds)
-    check_int(calibration_samples, "--calibration-samples", 0 if thresholds else 1)
-    check_int(batch_size, "--batch-size", 1)
-    check_int(k, "-k", 1)
-    check_int(sheet_size, "--sheet-size", 0)
-    check_device(device)
+    whole_number("--calibration-samples", calibration_samples, 0 if thresholds else 1)
+    whole_number("--batch-size", batch_size)
+    whole_number("-k", k)
+    whole_number("--sheet-size", sheet_size, 0)
+    check_device("--device", device)
 
 
 def check_train_detector_options(out: str, *, steps: int, batch_size: int, lr: float, image_size: int,
                                  max_images: int, workers: int, device: str, images: str | None,
                                  init: str | None) -> None:
     """Every option of `dedup train-detector`."""
-    check_out_folder(out, f"OUT {out}")
-    check_int(steps, "--steps", 1)
-    check_int(batch_size, "--batch-size", 2)  # InfoNCE needs a negative
-    check(check_finite(lr, "--lr") > 0, "--lr", f"must be > 0, got {lr}", "pass --lr 2e-3")
-    check_int(image_size, "--image-size", 16)
-    check_int(max_images, "--max-images", 2)
-    check_int(workers, "--workers", 0)
-    check_device(device)
+    check_out_folder(f"OUT {out}", out)
+    whole_number("--steps", steps)
+    whole_number("--batch-size", batch_size, 2)  # InfoNCE needs a negative
+    finite_number("--lr", lr, "pass --lr 2e-3", above=0)
+    whole_number("--image-size", image_size, 16)
+    whole_number("--max-images", max_images, 2)
+    whole_number("--workers", workers, 0)
+    check_device("--device", device)
     if images:
-        check_folder(images, f"--images {images}", "folder of images or shards")
+        check_folder(f"--images {images}", images, "folder of images or shards")
     if init:
-        check_folder(init, f"--init {init}", "detector folder")
+        check_folder(f"--init {init}", init, "detector folder")

@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
+from clip_core.data.parquet import atomic_open
 from clip_core.errors import InputError
 from dedup.augment import image_source, sample_photos, train_view
 
@@ -174,10 +176,11 @@ def save_detector(model: CopyDetector, out: str | Path, meta: dict | None = None
              if v.is_floating_point()}
     cfg = {"config": asdict(model.config), "temperature": TEMPERATURE, "train": meta or {}}
     # each file written aside and renamed: a run killed while saving leaves the previous detector whole
-    save_file(state, str(out / ".model.safetensors.tmp"))
-    (out / ".config.json.tmp").write_text(json.dumps(cfg, indent=2) + "\n")
-    (out / ".model.safetensors.tmp").replace(out / "model.safetensors")
-    (out / ".config.json.tmp").replace(out / "config.json")
+    fs = LocalFileSystem()
+    with atomic_open(fs, str(out / "model.safetensors")) as f:
+        f.write(save(state))
+    with atomic_open(fs, str(out / "config.json"), "w") as f:
+        f.write(json.dumps(cfg, indent=2) + "\n")
     return out
 
 

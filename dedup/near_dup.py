@@ -9,17 +9,17 @@ against those references; `dedup` runs both and writes `matches.parquet`,
 `kept_keys.parquet`, `dedup_stats.json` and `contact_sheet.png`.
 
 Every corpus sample that is not checked is counted with its reason (no image, undecodable,
-truncated or corrupt shard). Outputs are built in a hidden folder inside OUT and moved in at
-the end, `dedup_stats.json` last: a failed run leaves the previous complete result in place.
+truncated or corrupt shard). Outputs are built in OUT/_dedup_staging-<token>/ and swapped in at
+the end, `dedup_stats.json` last (clip_core.data.staging): a failed run leaves the previous
+complete result in place, and a rerun removes only the files the previous stats list.
 """
 from __future__ import annotations
 
+import functools
 import heapq
-import json
 import posixpath
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import fsspec
@@ -27,9 +27,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clip_core.data.parquet import write_json, write_parquet
+from clip_core.data.staging import StagedOutput
 from clip_core.data.webdataset import DamagedShardError, iter_shard
 from clip_core.errors import InputError
 from clip_core.eval.features import batched
+from clip_core.executors import Executor, LocalExecutor
 from dedup.calibrate import calibrate_reference
 from dedup.checks import check_dedup_options, list_corpus_shards
 from dedup.descriptors import decode_all, encode, make_descriptors
@@ -153,7 +156,7 @@ def iter_shard_images(fs, path: str, damaged: list | None = None) -> Iterator[tu
     """(key, image bytes or None when the sample has no image) of one WebDataset shard.
 
     A truncated or corrupt shard raises DamagedShardError after its complete samples, or with a
-    list as `damaged`, appends the error there and ends (webdataset_io.iter_shard)."""
+    list as `damaged`, appends the error there and ends (clip_core.data.webdataset.iter_shard)."""
     for sample in iter_shard(fs, path, decode=False, damaged=damaged):
         image = next((v for k, v in sample.items() if k != "__key__" and k.lower() in IMAGE_EXTS), None)
         yield sample["__key__"], image
@@ -250,34 +253,37 @@ def dedup_shard(shard_uri: str, refs: Sequence[EvalReference], descriptors, *, b
 def dedup(corpus_uri: str, out_uri: str, eval_dirs: Sequence[str], *, descriptor: str = "default",
           precision: float = 0.99, detector_path: str | None = None, splits: Sequence[str] = ("test",),
           thresholds: dict | None = None, calibration_samples: int = 500, batch_size: int = 128, k: int = 1,
-          device: str = "cpu", seed: int = 0, sheet_size: int = 12, storage_options: dict | None = None) -> dict:
-    """Find corpus images that duplicate eval images; write matches, kept keys, stats and a contact sheet."""
+          device: str = "cpu", seed: int = 0, sheet_size: int = 12, storage_options: dict | None = None,
+          executor: Executor | None = None) -> dict:
+    """Find corpus images that duplicate eval images; write matches, kept keys, stats and a contact sheet.
+
+    The shards are mapped by `executor` (default: one after another in this process)."""
     t0 = time.time()
     eval_dirs = [eval_dirs] if isinstance(eval_dirs, str) else [str(d) for d in eval_dirs]  # one folder, or many
     splits = (splits,) if isinstance(splits, str) else tuple(splits)
     check_dedup_options(eval_dirs, out_uri, precision=precision, thresholds=thresholds,
                         calibration_samples=calibration_samples, batch_size=batch_size, k=k, device=device,
                         sheet_size=sheet_size, splits=splits)
+    output = StagedOutput(out_uri, "dedup", STATS_NAME, listed_key="outputs", outputs=OUTPUT_NAMES, parts=None,
+                          storage_options=storage_options)
+    output.check()
     shards = list_corpus_shards(corpus_uri, storage_options)
     open_eval_splits(eval_dirs, splits)
     descriptors = make_descriptors(descriptor, detector_path, device)
     refs = build_references(eval_dirs, descriptors, splits=splits, precision=precision, thresholds=thresholds,
                             calibration_samples=calibration_samples, batch_size=batch_size, device=device, seed=seed)
-    results = [dedup_shard(s, refs, descriptors, batch_size=batch_size, k=k, device=device, sheet_size=sheet_size,
-                           storage_options=storage_options) for s in shards]
+    per_shard = functools.partial(dedup_shard, refs=refs, descriptors=descriptors, batch_size=batch_size, k=k,
+                                  device=device, sheet_size=sheet_size, storage_options=storage_options)
+    results = list((executor or LocalExecutor(1)).map(per_shard, shards))
     config = {"corpus": corpus_uri, "descriptor": descriptor, "descriptors": [d.name for d in descriptors],
               "precision_target": precision, "splits": list(splits), "k": k, "seed": seed}
-
-    def build(aside: str) -> dict:
-        stats = write_outputs(aside, results, refs, config, sheet_size, storage_options)
-        return {**stats, "seconds": round(time.time() - t0, 2)}
-
-    return publish(out_uri, build, storage_options)
-
-
-def _write_parquet(table: pa.Table, uri: str, storage_options: dict | None) -> None:
-    with fsspec.open(uri, "wb", **(storage_options or {})) as f:
-        pq.write_table(table, f)
+    with output:
+        stats = write_outputs(output.uri, results, refs, config, sheet_size, storage_options)
+        written = [n for n in OUTPUT_NAMES if output.fs.exists(posixpath.join(output.path, n))]
+        stats = {**stats, "seconds": round(time.time() - t0, 2), "outputs": written + [STATS_NAME]}
+        write_json(output.fs, posixpath.join(output.path, STATS_NAME), stats)
+        output.commit()  # the stats file last: its presence marks a complete result
+    return stats
 
 
 def _per_set(refs, matches: list[dict]) -> dict:
@@ -310,11 +316,10 @@ def write_outputs(out_uri: str, results: Sequence[ShardResult], refs, config: di
     fs, root = fsspec.core.url_to_fs(out_uri, **(storage_options or {}))
     fs.makedirs(root, exist_ok=True)
     matches = sorted((m for r in results for m in r.matches), key=lambda m: (m["key"], m["eval_set"], m["descriptor"]))
-    _write_parquet(pa.Table.from_pylist(matches, schema=MATCH_SCHEMA), posixpath.join(out_uri, "matches.parquet"),
-                   storage_options)
+    write_parquet(fs, posixpath.join(root, "matches.parquet"), pa.Table.from_pylist(matches, schema=MATCH_SCHEMA))
     kept = pa.table({"key": [k for r in results for k in r.kept],
                      "shard": [posixpath.basename(r.shard) for r in results for _ in r.kept]})
-    _write_parquet(kept, posixpath.join(out_uri, "kept_keys.parquet"), storage_options)
+    write_parquet(fs, posixpath.join(root, "kept_keys.parquet"), kept)
     unreadable = [{"key": key, "error": err} for r in results for key, err in r.unreadable]
     damaged = [r.damaged for r in results if r.damaged]
     with fsspec.open(posixpath.join(out_uri, "unreadable.txt"), "w", **(storage_options or {})) as f:
@@ -332,53 +337,3 @@ def write_outputs(out_uri: str, results: Sequence[ShardResult], refs, config: di
             "unreadable_samples": unreadable[:MAX_LISTED], "removed": len({m["key"] for m in matches}),
             "kept": kept.num_rows,
             "eval_sets": _per_set(refs, matches)}
-
-
-# ----- outputs appear whole: built aside, moved in, the stats file last -----
-
-def _previous_outputs(fs, stats_path: str) -> set[str]:
-    """Output names the last complete run recorded (only names this stage writes)."""
-    try:
-        with fs.open(stats_path, "r") as f:
-            listed = json.load(f).get("outputs", [])
-    except (OSError, ValueError, AttributeError):
-        return set()
-    return {name for name in listed if name in OUTPUT_NAMES}
-
-
-def _swap_in(fs, root: str, aside: str, stats: dict) -> None:
-    """Move the new outputs into OUT; drop the old run's outputs this run did not write; stats last."""
-    stats_path = posixpath.join(root, STATS_NAME)
-    previous = _previous_outputs(fs, stats_path)
-    if fs.exists(stats_path):
-        fs.rm(stats_path)  # no marker while files change: a crash here reads as "no complete result"
-    for name in stats["outputs"][:-1]:
-        fs.mv(posixpath.join(aside, name), posixpath.join(root, name))
-    for name in sorted(previous - set(stats["outputs"])):
-        if fs.exists(posixpath.join(root, name)):
-            fs.rm(posixpath.join(root, name))
-    with fs.open(posixpath.join(aside, STATS_NAME), "w") as f:
-        json.dump(stats, f, indent=2)
-    fs.mv(posixpath.join(aside, STATS_NAME), stats_path)
-
-
-def publish(out_uri: str, build: Callable[[str], dict], storage_options: dict | None = None) -> dict:
-    """Run `build(aside_uri)` into a hidden folder inside OUT, then move its outputs in.
-
-    A failure leaves OUT as it was; only files named in OUTPUT_NAMES and STATS_NAME are
-    replaced, and only those the previous run's stats list are removed."""
-    fs, root = fsspec.core.url_to_fs(out_uri, **(storage_options or {}))
-    created = not fs.exists(root)
-    aside = posixpath.join(root, f".dedup-{uuid.uuid4().hex[:12]}.tmp")
-    fs.makedirs(aside, exist_ok=True)
-    try:
-        stats = build(fs.unstrip_protocol(aside))
-        written = [n for n in OUTPUT_NAMES if fs.exists(posixpath.join(aside, n))]
-        stats["outputs"] = written + [STATS_NAME]
-        _swap_in(fs, root, aside, stats)
-    finally:
-        if fs.exists(aside):
-            fs.rm(aside, recursive=True)
-        if created and fs.exists(root) and not fs.ls(root, detail=False):
-            fs.rmdir(root)  # a failed first run leaves no empty OUT behind
-    return stats

@@ -9,7 +9,6 @@ median overlap of 2.2% and at most +0.6% All - Clean (Birdsnap).
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -19,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from scipy.stats import binomtest
 
-from clip_core.data.webdataset import atomic_open
+from clip_core.data.parquet import atomic_open, write_json
 from clip_core.errors import InputError
 
 CONFIDENCE = 0.995
@@ -154,6 +153,5 @@ def overlap_report(correct_by_set: Mapping[str, np.ndarray], overlap_by_set: Map
         f.write(overlap_plot(stats, confidence))
     with atomic_open(fs, f"{root}/overlap.md") as f:
         f.write(markdown_table(stats, confidence).encode("utf-8"))
-    with atomic_open(fs, f"{root}/overlap.json") as f:
-        f.write(json.dumps(doc, indent=2, allow_nan=False).encode("utf-8"))
+    write_json(fs, f"{root}/overlap.json", doc, allow_nan=False)
     return stats

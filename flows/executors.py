@@ -1,7 +1,7 @@
 """Executors that run the library's per-shard maps on Ray (the one place curation talks to Ray).
 
 The library only asks for an object with `map(fn, items) -> list` (results in item order);
-`clip_core.curation.curate.LocalExecutor` is the process-pool one. Here the same top-level
+`clip_core.executors.LocalExecutor` is the process-pool one (the `Executor` protocol). Here the same top-level
 function becomes a Ray task per item, so a shard's work runs wherever the cluster has a CPU.
 Ray worker processes are reused across tasks, so the per-process matcher cache still pays
 its build once per worker.

@@ -22,7 +22,8 @@ from synthweb.captions import clean_captions
 from synthweb.render import encode, render_scene
 from synthweb.scenes import DigitBank, eval_table, hash64, row
 from synthweb.spec import WebSpec
-from clip_core.data.webdataset import atomic_open, write_shards
+from clip_core.data.parquet import atomic_open
+from clip_core.data.webdataset import write_shards
 
 EVAL_JPEG_QUALITY = 95
 _TEMPLATES = {

@@ -31,7 +31,7 @@ from synthweb.scenes import (
     randint, site_of, uniform, web_table,
 )
 from synthweb.spec import CAPTION_KINDS, EVAL_SETS, FATES, WebSpec, default_eval_sizes, save_spec
-from clip_core.data.webdataset import atomic_open
+from clip_core.data.parquet import atomic_open
 
 CHUNK = 100_000  # uids per vectorised pass; bounds memory for millions of pairs
 DRAWS = 32  # pre-drawn uniforms per uid for its filename and alt-text

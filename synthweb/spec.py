@@ -104,7 +104,7 @@ def _check_rates(name: str, rates: dict, known: tuple[str, ...]) -> None:
 
 def save_spec(spec: WebSpec, fs, path: str) -> None:
     """Write the spec as JSON to `path` on filesystem `fs`."""
-    from clip_core.data.webdataset import atomic_open
+    from clip_core.data.parquet import atomic_open
 
     with atomic_open(fs, path, "w") as f:
         json.dump(spec.to_dict(), f, indent=2, sort_keys=True)

@@ -14,8 +14,9 @@ import pytest
 
 from clip_core.crawl.download import (
     MANIFEST, CrawlFolder, _check_free, _stats_aside, crawl, is_permanent,
-    read_crawl_manifest, stage_input, write_parquet,
+    read_crawl_manifest, stage_input,
 )
+from clip_core.data.parquet import write_parquet
 from flows.commands.corpus import add_crawl_arguments, run_crawl_command
 from clip_core.crawl.safety import (
     UrlPolicy, check_fetchable, normalise_url, parse_networks, prepare_pairs, read_pairs,
@@ -151,16 +152,17 @@ def test_bad_options_are_refused_before_any_write(tmp_path, pairs, web, option, 
 
 def test_bad_option_on_the_command_line_exits_2(tmp_path, pairs, capsys):
     assert _cli(pairs, tmp_path / "out", "--number-sample-per-shard", "0") == 2
-    assert capsys.readouterr().err == ("clip-pipeline crawl: error: --number-sample-per-shard: must be at least 1, "
-                                       "got 0\n")
+    assert capsys.readouterr().err == ("clip-pipeline crawl: error: --number-sample-per-shard: must be a whole "
+                                       "number >= 1, got 0 (pass --number-sample-per-shard 1 or more)\n")
     assert not (tmp_path / "out").exists()
     assert _cli(pairs, tmp_path / "out", "--allow-network", "localhost") == 2
     assert "--allow-network: 'localhost' is not a CIDR network" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("columns, problem", [
-    ({"url": ["http://127.0.0.1/a"], "caption": [7]}, "column 'caption' must hold text, found int64"),
-    ({"url": [["http://127.0.0.1/a"]], "caption": ["c"]}, "column 'url' must hold text, found list<element: string>"),
+    ({"url": ["http://127.0.0.1/a"], "caption": [7]}, "column 'caption' is int64, it must be a string or binary"),
+    ({"url": [["http://127.0.0.1/a"]], "caption": ["c"]},
+     "column 'url' is list<element: string>, it must be a string or binary"),
 ])
 def test_pairs_columns_that_are_not_text_name_the_file(tmp_path, columns, problem, capsys):
     pq.write_table(pa.table(columns), tmp_path / "p.parquet")

@@ -12,7 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_core.curation.curate import LocalExecutor, curate, plan_shards
+from clip_core.curation.curate import curate, plan_shards
+from clip_core.executors import LocalExecutor
+from test_crawl import moto_s3  # noqa: F401  (fixture: one S3 server per test)
 from flows.commands.corpus import add_curate_arguments, run_curate_command
 from clip_core.errors import InputError
 
@@ -298,23 +300,6 @@ def test_dictionary_encoded_columns_give_the_plain_result(tmp_path):
     a = curate(plain, queries, str(tmp_path / "a"), max_per_query=20, executor=LocalExecutor(1))
     b = curate(str(tmp_path / "dict"), queries, str(tmp_path / "b"), max_per_query=20, executor=LocalExecutor(1))
     assert a["totals"] == b["totals"] and _read_parts(tmp_path / "a") == _read_parts(tmp_path / "b")
-
-
-@pytest.fixture
-def moto_s3(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 @pytest.mark.slow

@@ -244,8 +244,8 @@ def test_the_real_command_exits_2_with_one_line(data, tmp_path):
     code = "from flows.cli import console_main; console_main()"
     proc = subprocess.run([sys.executable, "-c", code, *_args(data, tmp_path / "out", "-k", "0")],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.strip() == "clip-pipeline dedup: error: -k: must be an integer " \
-                                                           ">= 1, got 0 (pass -k 1 or more)"
+    assert proc.returncode == 2 and proc.stderr.strip() == "clip-pipeline dedup: error: -k: must be a whole " \
+                                                           "number >= 1, got 0 (pass -k 1 or more)"
 
 
 # ----- outputs: a failed re-run leaves the previous complete result -----
@@ -274,6 +274,16 @@ def test_a_failed_first_run_leaves_no_folder(data, tmp_path, monkeypatch):
     with pytest.raises(ZeroDivisionError):
         dedup(data["corpus"], str(tmp_path / "out"), [data["eval"]], descriptor="phash", thresholds={"phash": 0.9})
     assert not (tmp_path / "out").exists()
+
+
+def test_out_holding_dedup_names_it_did_not_write_is_refused(data, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "matches.parquet").write_text("someone else's")  # no dedup_stats.json: not dedup's
+    with pytest.raises(InputError, match=r"out: holds matches.parquet but no dedup_stats.json: dedup did not"):
+        dedup(data["corpus"], str(out), [data["eval"]], descriptor="phash", thresholds={"phash": 0.9})
+    assert sorted(p.name for p in out.iterdir()) == ["matches.parquet"]
+    assert (out / "matches.parquet").read_text() == "someone else's"
 
 
 def test_a_rerun_replaces_only_what_dedup_wrote(data, tmp_path):

@@ -6,17 +6,19 @@ import json
 import os
 import shutil
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from clip_core.errors import InputError
+
 from flows.commands.evaluate import add_evaluate_arguments, run_evaluate_command
 from clip_core.eval.run import (
-    default_model_name, evaluate, markdown_table, resolve_checkpoint,
+    default_model_name, evaluate, markdown_table,
 )
-from clip_core.model import create_model, save_checkpoint
+from clip_core.model import create_model
+from clip_core.weights import save_checkpoint
 
 
 def image(k: int) -> bytes:
@@ -85,45 +87,12 @@ def _touch_checkpoint(folder, model=None):
     return folder
 
 
-def test_resolve_checkpoint_picks_the_newest(tmp_path):
-    run = tmp_path / "run"
-    model = create_model("tiny")
-    for step in (2, 10):
-        _touch_checkpoint(run / f"step_{step:06d}", model)
-    (run / "step_000020").mkdir()  # being written: no weights yet
-    assert resolve_checkpoint(run) == run / "step_000010"
+def test_default_model_name_names_the_checkpoint_picked(tmp_path):
+    """Which checkpoint a CKPT folder means is clip_core.weights.resolve_checkpoint (tests/test_weights.py)."""
+    run, out = tmp_path / "run", tmp_path / "out"
     assert default_model_name(run, run / "step_000010") == "run-step_000010"
-    ray = tmp_path / "ray"
-    for i, name in enumerate(("checkpoint_2025-01-02_00-00-00.000000", "checkpoint_2025-01-01_00-00-00.000000")):
-        _touch_checkpoint(ray / "checkpoints" / name, model)
-        os.utime(ray / "checkpoints" / name, (time.time() - 100 * i, time.time() - 100 * i))
-    assert resolve_checkpoint(ray).name == "checkpoint_2025-01-02_00-00-00.000000"
-
-
-def test_resolve_checkpoint_in_a_training_output(tmp_path):
-    out = tmp_path / "out"
-    model = create_model("tiny")
-    for step in (4, 8):
-        _touch_checkpoint(out / "ray" / "train" / f"step_{step:08d}", model)
-    nested = out / "ray" / "train" / "step_00000008"
-    assert resolve_checkpoint(out) == nested  # step numbers decide
-    assert default_model_name(out, nested) == "out-step_00000008"
-    _touch_checkpoint(out / "model", model)  # the exported final model, written last
-    for i, folder in enumerate((out / "model", nested, out / "ray" / "train" / "step_00000004")):
-        os.utime(folder, (time.time() - 100 * i, time.time() - 100 * i))
-    assert resolve_checkpoint(out) == out / "model"  # mixed names: modification time decides
-
-
-def test_resolve_checkpoint_files_and_failures(tmp_path):
-    folder = _touch_checkpoint(tmp_path / "c")
-    assert resolve_checkpoint(folder / "model.safetensors") == folder / "model.safetensors"
-    (folder / "config.json").unlink()
-    assert resolve_checkpoint(folder) == folder / "model.safetensors"  # architecture from the weights
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no checkpoint in .*empty"):
-        resolve_checkpoint(tmp_path / "empty")
-    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
-        resolve_checkpoint(tmp_path / "missing")
+    assert default_model_name(out, out / "ray" / "train" / "step_00000008") == "out-step_00000008"
+    assert default_model_name(out, out / "model") == "out-model"
 
 
 def test_weights_that_disagree_with_config(workdir, tmp_path):
@@ -187,6 +156,23 @@ def test_log_results_into_an_existing_run(tmp_path):
     records = [{"dataset": "d", "model": "m", "task": "linear_probe", "metrics": {"acc1": 0.75, "C": 10.0}}]
     assert log_results_to_mlflow(records, tracking_uri=client.tracking_uri, run_id=run_id) == run_id
     assert client.get_run(run_id).data.metrics == {"eval/d/linear_probe/acc1": 0.75, "eval/d/linear_probe/C": 10.0}
+    assert client.get_run(run_id).data.tags["eval.datasets"] == "d"
+    with pytest.raises(InputError, match=r"--mlflow-run-id: MLflow at .* has no run 0123abc"):
+        log_results_to_mlflow(records, tracking_uri=client.tracking_uri, run_id="0123abc")
+
+
+def test_logging_to_a_tracking_server_that_is_down_warns_and_goes_on(tmp_path):
+    """Before: MLflow's client raised (after its retries) and the evaluate flow failed with its results on disk."""
+    from flows.common import free_port
+    from flows.evaluate import log_results_to_mlflow
+
+    records = [{"dataset": "d", "model": "m", "task": "linear_probe", "metrics": {"acc1": 0.75}}]
+    (tmp_path / "results.md").write_text("# Evaluation results\n")
+    down = f"http://127.0.0.1:{free_port()}"
+    with pytest.warns(UserWarning, match=f"MLflow at {down} is unreachable; the results are on disk only"):
+        assert log_results_to_mlflow(records, tmp_path, tracking_uri=down) is None
+    with pytest.warns(UserWarning, match="unreachable"):
+        assert log_results_to_mlflow(records, tmp_path, tracking_uri=down, run_id="abc") == "abc"
 
 
 def _prefect_server_can_start() -> bool:

@@ -16,7 +16,7 @@ import pytest
 from warcio.archiveiterator import ArchiveIterator
 from warcio.warcwriter import WARCWriter
 
-from clip_core.extract.wat import SCHEMA, STATS_NAME, extract
+from clip_core.extract.wat import SCHEMA, STATS_NAME, check_wat, extract
 from flows.commands.corpus import add_extract_arguments, run_extract_command
 from synthweb.wat_writer import wat_envelope, write_warcinfo, write_wat_file, write_wat_record
 from clip_core.extract.filters import (
@@ -416,3 +416,21 @@ def test_out_extract_did_not_write_is_refused(wat_files, tmp_path):
     assert _tree(theirs) == {"part-00000.parquet": b"someone else's"}
     with pytest.raises(InputError, match="is a file, not a folder"):
         extract(wat_files, wat_files[0], workers=1)
+
+
+def test_check_wat_by_first_bytes(tmp_path):
+    good = write_wat_file(str(tmp_path / "good.warc.wat.gz"), [("https://x.example/", [("a.jpg", "a")])])
+    check_wat(good)
+    (tmp_path / "plain.warc").write_bytes(b"WARC/1.0\r\nWARC-Type: warcinfo\r\n\r\n")
+    check_wat(str(tmp_path / "plain.warc"))
+    (tmp_path / "nothing.wat.gz").write_bytes(gzip.compress(b""))
+    check_wat(str(tmp_path / "nothing.wat.gz"))  # valid and empty: read, counted and warned about
+    bad = {"empty.wat.gz": (b"", "is empty"), "text.wat.gz": (b"hello, not a WARC", "is neither gzip nor WARC"),
+           "gzipped.wat.gz": (gzip.compress(b"hello"), "is gzip but holds no WARC records"),
+           "broken.wat.gz": (b"\x1f\x8b\x08\x00" + b"\xff" * 40, "is not valid gzip")}
+    for name, (data, problem) in bad.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(InputError, match=rf"{name}: {problem}"):
+            check_wat(str(tmp_path / name))
+    with pytest.raises(InputError, match="is a folder"):
+        check_wat(str(tmp_path))

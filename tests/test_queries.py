@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_core.curation.curate import LocalExecutor
+from clip_core.executors import LocalExecutor
 from clip_core.curation.balance import hash_strings
 from flows.commands.corpus import add_queries_arguments, run_queries_command
 from clip_core.curation.queries import (

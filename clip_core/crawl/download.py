@@ -34,7 +34,6 @@ import math
 import re
 import socket
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,6 +47,7 @@ from clip_core.crawl.safety import (
     PreparedPairs, Resolver, UrlPolicy, check_fetchable, check_options, parse_networks,
     prepare_pairs, read_pairs,
 )
+from clip_core.data.parquet import write_json, write_parquet
 from clip_core.errors import InputError, check
 
 DEFAULT_DISALLOWED = ("noai", "noimageai", "noindex", "noimageindex")
@@ -180,24 +180,6 @@ class CrawlFolder:
             for path in listing.files.pop(shard):
                 self.fs.rm(path)
         return listing
-
-
-def _write_atomic(fs: fsspec.AbstractFileSystem, path: str, write) -> None:
-    """Write to a temporary name then rename, so readers never see half a file."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with fs.open(tmp, "wb") as f:
-        write(f)
-    fs.mv(tmp, path)
-
-
-def write_parquet(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
-    """Write a Parquet file atomically."""
-    _write_atomic(fs, path, lambda f: pq.write_table(table, f))
-
-
-def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: dict) -> None:
-    """Write a JSON file atomically."""
-    _write_atomic(fs, path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 # Checks at the door: every option, OUT and the pairs, before anything is written.

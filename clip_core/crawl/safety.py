@@ -28,6 +28,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clip_core.checks import finite_number, whole_number
+from clip_core.data.parquet import check_column, list_parquet, parquet_errors
 from clip_core.errors import InputError, check
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -56,11 +58,8 @@ def check_options(image_size, processes, threads, number_sample_per_shard, timeo
         ("--threads", threads, 1, None), ("--number-sample-per-shard", number_sample_per_shard, 1, None),
         ("--retries", retries, 0, None), ("--encode-quality", encode_quality, 0, 100),  # JPEG quality
     ):
-        check(isinstance(value, int) and not isinstance(value, bool), flag, f"must be an integer, got {value!r}")
-        bounds = f"at least {low}" if high is None else f"from {low} to {high}"
-        check(low <= value and (high is None or value <= high), flag, f"must be {bounds}, got {value}")
-    check(isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0, "--timeout",
-          f"must be a positive number of seconds, got {timeout!r}")
+        whole_number(flag, value, low, high)
+    finite_number("--timeout", timeout, "seconds per request, such as --timeout 10", above=0)
     check(resize_mode in RESIZE_MODES, "--resize-mode", f"must be one of {list(RESIZE_MODES)}, got {resize_mode!r}")
 
 
@@ -249,43 +248,18 @@ class PreparedPairs:
 PAIRS_FIX = "give the pairs Parquet that curate writes: string columns url and caption, one row a pair"
 
 
-def _parquet_files(uri: str) -> list[str]:
-    """The file itself, or a folder's `*.parquet` files in name order (curate's part-NNNNN shards)."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    check(fs.exists(path), uri, "does not exist", PAIRS_FIX)
-    if not fs.isdir(path):
-        return [uri]
-    files = sorted(p for p in fs.glob(f"{path.rstrip('/')}/*.parquet") if not p.rsplit("/", 1)[-1].startswith(("_", ".")))
-    check(bool(files), uri, "is a folder without Parquet files", PAIRS_FIX)
-    return [fs.unstrip_protocol(p) for p in files]
-
-
-def _is_text(dtype: pa.DataType) -> bool:
-    """A string or binary type (dictionary-encoded too): what a url or caption cell may be."""
-    if pa.types.is_dictionary(dtype):
-        dtype = dtype.value_type
-    return any(is_type(dtype) for is_type in (pa.types.is_string, pa.types.is_large_string,
-                                              pa.types.is_binary, pa.types.is_large_binary))
-
-
 def read_pairs(uri: str) -> pa.Table:
     """Read pairs Parquet (a file or a folder of shards); InputError for non-Parquet, empty, missing or non-text columns."""
     tables = []
-    for file in _parquet_files(uri):
-        with fsspec.open(file, "rb") as f:
-            try:
-                tables.append(pq.read_table(f))
-            except pa.ArrowException as err:
-                raise InputError(file, f"is not a readable Parquet file ({err})", PAIRS_FIX) from None
+    for file in list_parquet(uri, PAIRS_FIX):  # a file, or a folder of shards (curate's part-NNNNN) in order
+        with parquet_errors(file, PAIRS_FIX), fsspec.open(file, "rb") as f:
+            tables.append(pq.read_table(f))
     try:
         table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
     except pa.ArrowException as err:
         raise InputError(uri, f"its part files have clashing schemas ({err})", PAIRS_FIX) from None
     for name in ("url", "caption"):
-        check(name in table.column_names, uri, f"has no {name!r} column; columns present: {table.column_names}",
-              PAIRS_FIX)
-        check(_is_text(table.schema.field(name).type), uri,
-              f"column {name!r} must hold text, found {table.schema.field(name).type}", PAIRS_FIX)
+        check_column(uri, table.schema, name, "text", PAIRS_FIX)
     reserved = [c for c in table.column_names if c in RESERVED_COLUMNS]
     check(not reserved, uri, f"columns {reserved} are reserved by img2dataset", "rename them")
     check(table.num_rows > 0, uri, "has no rows", PAIRS_FIX)
@@ -295,7 +269,7 @@ def read_pairs(uri: str) -> pa.Table:
 def _as_bytes(table: pa.Table, name: str) -> list[bytes | None]:
     """A text column as raw bytes, so invalid UTF-8 is counted instead of raising."""
     column = table.column(name)
-    check(_is_text(column.type), name, f"column {name!r} must hold text, found {column.type}", PAIRS_FIX)
+    check_column(name, table.schema, name, "text", PAIRS_FIX)
     if pa.types.is_dictionary(column.type):
         column = column.cast(column.type.value_type)
     return column.cast(pa.large_binary()).to_pylist()

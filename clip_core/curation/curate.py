@@ -11,24 +11,19 @@ Two per-shard maps around one small reduce (DESIGN.md, Scale):
   pass 2  draw per (seed, uid, query) and write part-NNNNN.parquet: every input column plus
           `query_ids: list<int32>`, written under a temporary name and renamed.
 Then curation_stats.json, _query_stats.parquet and curation_counts.png. Everything is built in
-OUT/_curate_staging-<token>/ and swapped into OUT at the end (staging.py): a run that fails, on bad
-input or otherwise, leaves the previous complete result in OUT as it was. Options, the query list,
-the pairs' schemas and OUT are checked before any work (inputs.py). A shard is a
+OUT/_curate_staging-<token>/ and swapped into OUT at the end (clip_core.data.staging): a run that
+fails, on bad input or otherwise, leaves the previous complete result in OUT as it was. Options,
+the query list, the pairs' schemas and OUT are checked before any work. A shard is a
 run of row groups of one input file (about shard_rows rows); a worker holds one batch of
 batch_rows rows plus its shard's matched query ids (4 bytes each), whatever the corpus size.
 Output rows do not depend on shards, executor or worker count.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import multiprocessing
-import os
 import posixpath
-import uuid
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import fsspec
@@ -36,17 +31,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clip_core.checks import whole_number
 from clip_core.curation.balance import (
     count_to_prob, expected_size, in_sample, keep_mask, keep_probability, row_keys, solve_t,
 )
 from clip_core.curation.matching import DEFAULT_MAX_CHARS, QueryMatcher, clean_captions, load_query_list
-from clip_core.curation.inputs import (
-    PAIRS_FIX, as_uri, check_column, check_exists, hidden, parquet_errors, parquet_metadata,
-    whole_number,
-)
 from clip_core.curation.plot import PLOT_NAME, QUERY_STATS_NAME, STATS_NAME, summarize, write_report
-from clip_core.curation.staging import StagedOutput
+from clip_core.data.parquet import atomic_parquet, check_column, list_parquet, parquet_errors, parquet_metadata
+from clip_core.data.staging import StagedOutput
 from clip_core.errors import InputError
+from clip_core.executors import Executor, LocalExecutor
+
+PAIRS_FIX = "give candidate pairs Parquet: a string column caption (and url), one row a pair"
 
 QUERY_IDS = pa.field("query_ids", pa.list_(pa.int32()))
 KEY_COLUMNS = ("url", "caption", "uid")  # read as plain arrays (dictionary-encoded ones decoded)
@@ -61,57 +57,6 @@ class Shard:
     num_rows: int
 
 
-class LocalExecutor:
-    """map(fn, items) in-process (workers=1) or on a spawn ProcessPoolExecutor kept across maps
-    (so pass 2 reuses pass 1's processes); close() or `with` ends the pool."""
-
-    def __init__(self, workers: int | None = None):
-        if workers is not None:
-            whole_number("--workers", workers, why="worker processes; leave it out for all cores")
-        self.workers = workers or os.cpu_count() or 1
-        self._pool = None
-
-    def map(self, fn, items) -> list:
-        items = list(items)
-        if self.workers <= 1 or len(items) <= 1:
-            return [fn(item) for item in items]
-        if self._pool is None:  # spawn: no fork of a process that holds Arrow's threads
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-        return list(self._pool.map(fn, items))
-
-    def close(self) -> None:
-        """Shut the worker processes down."""
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-
-    def __enter__(self) -> "LocalExecutor":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def list_parquet(uris: str | list[str]) -> list[str]:
-    """Parquet files named by URIs (files or folders, any fsspec protocol), sorted per folder.
-
-    Under a folder, files and folders named "_..." or "..." are skipped: markers, reports and
-    the staging folders of a run in progress or killed (curating a curated folder again works)."""
-    files = []
-    for uri in [uris] if isinstance(uris, str) else uris:
-        check_exists(uri, PAIRS_FIX)
-        fs, path = fsspec.core.url_to_fs(uri)
-        if not fs.isdir(path):
-            files.append(uri)
-            continue
-        root = path.rstrip("/")
-        found = [p for p in sorted(fs.find(root)) if p.endswith(".parquet")]
-        files += [as_uri(fs, p) for p in found if not hidden(p[len(root):])]
-    if not files:
-        raise InputError(" ".join([uris] if isinstance(uris, str) else uris), "holds no Parquet files", PAIRS_FIX)
-    return files
-
-
 def check_pairs_schema(uri: str, schema: pa.Schema) -> None:
     """InputError unless caption is text and url / uid (when present) can key the draws."""
     check_column(uri, schema, "caption", "text", PAIRS_FIX)
@@ -123,7 +68,7 @@ def check_pairs_schema(uri: str, schema: pa.Schema) -> None:
 def plan_shards(uris: str | list[str], shard_rows: int) -> list[Shard]:
     """Shards of about shard_rows rows from whole row groups; checks each file's columns first."""
     shards = []
-    for uri in list_parquet(uris):
+    for uri in list_parquet(uris, PAIRS_FIX):
         meta = parquet_metadata(uri, PAIRS_FIX)
         with parquet_errors(uri, PAIRS_FIX):
             schema = meta.schema.to_arrow_schema()
@@ -138,20 +83,6 @@ def plan_shards(uris: str | list[str], shard_rows: int) -> list[Shard]:
         if groups or not meta.num_row_groups:
             shards.append(Shard(len(shards), uri, tuple(groups), rows))
     return shards
-
-
-@contextlib.contextmanager
-def atomic_parquet(uri: str, schema: pa.Schema, **options):
-    """A ParquetWriter on a temporary name, renamed to uri on success, removed on failure."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with fs.open(tmp, "wb") as f, pq.ParquetWriter(f, schema, **options) as writer:
-            yield writer
-        fs.mv(tmp, path)
-    finally:
-        if fs.exists(tmp):
-            fs.rm(tmp)
 
 
 def _batches(shard: Shard, batch_rows: int, columns: list[str] | None = None):
@@ -295,19 +226,19 @@ def _sum_sparse(uris: list[str], n: int) -> np.ndarray:
 def check_curate_options(max_per_query: int, target_size: int | None, seed: int, shard_rows: int,
                          batch_rows: int = 16384, max_chars: int = DEFAULT_MAX_CHARS, sample_size: int = 1) -> None:
     """InputError for a number curation cannot honour; runs before any file is read."""
-    whole_number("--max-per-query", max_per_query, why="it is t, the most pairs kept per query; WIT used 20000")
+    whole_number("--max-per-query", max_per_query, fix="it is t, the most pairs kept per query; WIT used 20000")
     if target_size is not None:
-        whole_number("--target-size", target_size, why="the most pairs to keep in all, in expectation")
-    whole_number("--seed", seed, minimum=0, maximum=2**64 - 1, why="the seed of the balancing draws")
-    whole_number("--shard-rows", shard_rows, why="rows per unit of work")
+        whole_number("--target-size", target_size, fix="the most pairs to keep in all, in expectation")
+    whole_number("--seed", seed, minimum=0, maximum=2**64 - 1, fix="the seed of the balancing draws")
+    whole_number("--shard-rows", shard_rows, fix="rows per unit of work")
     for name, value in (("batch_rows", batch_rows), ("max_chars", max_chars), ("sample_size", sample_size)):
         whole_number(name, value)
 
 
 def curate(pairs_uris: str | list[str], queries_uri: str, out_uri: str, *, max_per_query: int = 20000,
-           target_size: int | None = None, seed: int = 0, case_sensitive: bool = True, executor=None,
-           shard_rows: int = 250_000, batch_rows: int = 16384, max_chars: int = DEFAULT_MAX_CHARS,
-           sample_size: int = 1_000_000, keep_temp: bool = False) -> dict:
+           target_size: int | None = None, seed: int = 0, case_sensitive: bool = True,
+           executor: Executor | None = None, shard_rows: int = 250_000, batch_rows: int = 16384,
+           max_chars: int = DEFAULT_MAX_CHARS, sample_size: int = 1_000_000, keep_temp: bool = False) -> dict:
     """Match, count, balance and write curated pairs under out_uri; return the stats dict.
 
     Every check comes first; the result is built aside and swapped into out_uri at the end."""
@@ -331,11 +262,11 @@ def curate(pairs_uris: str | list[str], queries_uri: str, out_uri: str, *, max_p
 
 
 def _run_passes(base: dict, shards: list[Shard], n_queries: int, max_per_query: int, target_size: int | None,
-                executor) -> dict:
+                executor: Executor | None) -> dict:
     """Pass 1, the reduce, pass 2 and the report, all written under base["work_uri"]; the stats."""
     owned, executor = executor is None, executor or LocalExecutor()
     try:
-        first = executor.map(match_shard, [{**base, "shard": s} for s in shards])
+        first = list(executor.map(match_shard, [{**base, "shard": s} for s in shards]))
         counts = _sum_sparse([_tmp(base, "counts", s, ".npz") for s in shards], n_queries)
         empty = [np.zeros(0, np.int32)]
         offsets = np.concatenate([[0], np.cumsum(np.concatenate([r["sample_lengths"] for r in first] or empty))])
@@ -344,7 +275,7 @@ def _run_passes(base: dict, shards: list[Shard], n_queries: int, max_per_query: 
         probs_uri = f"{base['work_uri']}/_tmp/entry_prob.npy"
         with fsspec.open(probs_uri, "wb") as f:
             np.save(f, count_to_prob(counts, t))
-        second = executor.map(sample_shard, [{**base, "shard": s, "probs_uri": probs_uri} for s in shards])
+        second = list(executor.map(sample_shard, [{**base, "shard": s, "probs_uri": probs_uri} for s in shards]))
     finally:
         if owned:
             executor.close()

@@ -34,7 +34,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from clip_core.curation.inputs import check, check_column, check_exists, parquet_errors
+from clip_core.data.parquet import check_column, check_exists, parquet_errors
+from clip_core.errors import check
 
 SPACED_PUNCTUATION = ",.;:?!`"
 SPACED_WHITESPACE = "\t\n\r"

@@ -39,13 +39,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from clip_core.checks import finite_number, whole_number
 from clip_core.curation.balance import hash_strings
-from clip_core.curation.curate import LocalExecutor, atomic_parquet
-from clip_core.curation.inputs import (
-    as_uri, check, check_column, check_exists, finite_number, hidden, parquet_metadata,
-    read_errors, whole_number,
-)
 from clip_core.curation.wordnet import check_wordnet, wordnet_queries
+from clip_core.data.parquet import atomic_parquet, check_column, list_files, parquet_metadata, read_errors
+from clip_core.errors import check
+from clip_core.executors import Executor, LocalExecutor
 
 WORD = r"\w+(?:['’\-]\w+)*"
 _WORDS = re.compile(WORD)
@@ -87,22 +86,19 @@ def plan_chunks(uris: list[str], chunk_bytes: int = 64 << 20, text_column: str =
     row groups, whole files. InputError for a missing path or a Parquet file without a string text_column."""
     chunks = []
     for uri in uris:
-        check_exists(uri, CORPUS_FIX)
-        fs, path = fsspec.core.url_to_fs(uri)
-        root = path.rstrip("/")
-        files = [p for p in sorted(fs.find(root)) if not hidden(p[len(root):])] if fs.isdir(path) else [path]
+        files = list_files(uri, CORPUS_FIX)
         check(bool(files), uri, "holds no files", CORPUS_FIX)
-        for p in files:
-            full = as_uri(fs, p)
-            if p.endswith(".parquet"):
-                meta = parquet_metadata(full, CORPUS_FIX)
-                check_column(full, meta.schema.to_arrow_schema(), text_column, "string", CORPUS_FIX)
-                chunks += [Chunk(full, row_groups=(g,)) for g in range(meta.num_row_groups)]
-            elif p.endswith(_COMPRESSED):
-                chunks.append(Chunk(full))
+        fs = fsspec.core.url_to_fs(uri)[0]
+        for file in files:
+            if file.endswith(".parquet"):
+                meta = parquet_metadata(file, CORPUS_FIX)
+                check_column(file, meta.schema.to_arrow_schema(), text_column, "string", CORPUS_FIX)
+                chunks += [Chunk(file, row_groups=(g,)) for g in range(meta.num_row_groups)]
+            elif file.endswith(_COMPRESSED):
+                chunks.append(Chunk(file))
             else:
-                size = fs.size(p)
-                chunks += [Chunk(full, s, min(s + chunk_bytes, size)) for s in range(0, size, chunk_bytes)]
+                size = fs.size(file)
+                chunks += [Chunk(file, s, min(s + chunk_bytes, size)) for s in range(0, size, chunk_bytes)]
     return chunks
 
 
@@ -200,13 +196,13 @@ def _vocab(uri: str) -> frozenset[str]:
 
 
 def _count(what: str, chunks: list[Chunk], work: str, min_count: int, cfg: dict,
-           executor) -> tuple[pa.Table, list[dict]]:
+           executor: Executor) -> tuple[pa.Table, list[dict]]:
     """Map over chunks, reduce over partitions: the keys of `what` with count >= min_count."""
-    mapped = executor.map(count_chunk, [{**cfg, "what": what, "chunk": c, "spill_uri": f"{work}/{what}-{i:05d}"}
-                                        for i, c in enumerate(chunks)])
+    tasks = [{**cfg, "what": what, "chunk": c, "spill_uri": f"{work}/{what}-{i:05d}"} for i, c in enumerate(chunks)]
+    mapped = list(executor.map(count_chunk, tasks))
     spills = [uri for m in mapped for uri in m["spills"]]
-    parts = executor.map(reduce_partition, [{"spill_uris": spills, "partition": p, "min_count": min_count}
-                                            for p in range(cfg["partitions"])])
+    parts = list(executor.map(reduce_partition, [{"spill_uris": spills, "partition": p, "min_count": min_count}
+                                                 for p in range(cfg["partitions"])]))
     empty = pa.table({"key": pa.array([], pa.string()), "count": pa.array([], pa.int64()),
                       "listed": pa.array([], pa.int64())})
     table = pa.concat_tables(parts) if parts else empty
@@ -228,7 +224,7 @@ def build_queries(corpus_uris: str | list[str], out_uri: str, *, min_count: int 
                   min_bigram_count: int | None = None, titles_uri: str | None = None, min_title_count: int = 70,
                   wordnet_dir: str | None = None, wordnet_lemmas: str = "all", text_column: str = "text",
                   partitions: int = 16, chunk_bytes: int = 64 << 20, max_keys: int = 1 << 20,
-                  executor=None) -> dict:
+                  executor: Executor | None = None) -> dict:
     """Write the query list Parquet (query, kind, count) to out_uri; return its stats."""
     corpus_uris = [corpus_uris] if isinstance(corpus_uris, str) else list(corpus_uris)
     check_queries_options(min_count, min_pmi, min_bigram_count, min_title_count, wordnet_lemmas, partitions,
@@ -282,11 +278,11 @@ def build_queries(corpus_uris: str | list[str], out_uri: str, *, min_count: int 
 def check_queries_options(min_count: int, min_pmi: float, min_bigram_count: int | None, min_title_count: int,
                           wordnet_lemmas: str, partitions: int = 16, chunk_bytes: int = 1, max_keys: int = 1) -> None:
     """InputError for a number or choice build_queries cannot honour; runs before any file is read."""
-    whole_number("--min-count", min_count, why="unigrams occurring at least this often; WIT used 100")
-    finite_number("--min-pmi", min_pmi, why="the bigram PMI floor in bits")
+    whole_number("--min-count", min_count, fix="unigrams occurring at least this often; WIT used 100")
+    finite_number("--min-pmi", min_pmi, fix="the bigram PMI floor in bits")
     if min_bigram_count is not None:
-        whole_number("--min-bigram-count", min_bigram_count, why="leave it out to use --min-count")
-    whole_number("--min-title-count", min_title_count, minimum=0, why="MetaCLIP used 70")
+        whole_number("--min-bigram-count", min_bigram_count, fix="leave it out to use --min-count")
+    whole_number("--min-title-count", min_title_count, minimum=0, fix="MetaCLIP used 70")
     check(wordnet_lemmas in ("all", "head"), "--wordnet-lemmas", f"must be all or head, got {wordnet_lemmas!r}")
     for name, value in (("partitions", partitions), ("chunk_bytes", chunk_bytes), ("max_keys", max_keys)):
         whole_number(name, value)

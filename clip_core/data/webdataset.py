@@ -1,9 +1,9 @@
 """Small WebDataset helpers: write and read tar shards of `KEY.ext` members.
 
 Shards are named `000000.tar`, `000001.tar`, ... as CLIP_benchmark and img2dataset lay them
-out. Writes are atomic: a shard is written under a temporary name and renamed when done,
-so a reader never sees half a shard. Values encode by type: bytes as-is, str as UTF-8,
-int as ASCII digits (`cls`), dict/list as JSON.
+out. Writes are atomic (`clip_core.data.parquet.atomic_open`): a shard is written under a
+temporary name and renamed when done, so a reader never sees half a shard. Values encode by
+type: bytes as-is, str as UTF-8, int as ASCII digits (`cls`), dict/list as JSON.
 
 Reading checks that a shard is whole: tarfile ends a stream quietly at a missing or cut
 header, so a shard cut at a member boundary would read as a shorter, valid one. `iter_shard`
@@ -12,35 +12,21 @@ requires the end-of-archive block (as GNU tar does) and reports a cut or corrupt
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import lzma
 import posixpath
 import tarfile
-import uuid
 import zlib
 from collections.abc import Iterable, Iterator
 
 import fsspec
 
+from clip_core.data.parquet import atomic_open
 from clip_core.errors import InputError
 
 # what a cut or corrupt compressed or plain tar raises while it is streamed
 _READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError)
-
-
-@contextlib.contextmanager
-def atomic_open(fs, path: str, mode: str = "wb"):
-    """Open `path` for writing under a temporary name; rename into place on success."""
-    tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        with fs.open(tmp, mode) as f:
-            yield f
-        fs.mv(tmp, path)
-    finally:
-        if fs.exists(tmp):
-            fs.rm(tmp)
 
 
 def encode_value(value) -> bytes:

@@ -7,12 +7,8 @@ linear probes. One JSON per (model, dataset, task), shaped as CLIP_benchmark wri
 a Markdown table over every result JSON in the output folder (so runs can be compared).
 Nothing here logs to a tracker: flows/evaluate.py logs the returned records to MLflow.
 
-Checkpoint resolution (`resolve_checkpoint`): a file (.safetensors/.pt/.pth); a folder with
-model.safetensors (+ config.json); or a training output folder, whose newest loadable
-checkpoint folder -- named `checkpoint_*`, `step_*` or `model`, up to three levels down (e.g.
-`ray/<run>/step_00000100`, the exported `model/`) -- is used: the largest step number when
-every candidate's name ends in one, else the newest modification time. Folders that hold no
-weights yet (a checkpoint being written) are skipped.
+Which checkpoint CKPT means (a weights file, a model folder, or a training output folder's
+newest checkpoint) is clip_core.weights' `resolve_checkpoint`; `load_model` reads it.
 """
 from __future__ import annotations
 
@@ -23,14 +19,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
-from clip_core.errors import InputError
-from clip_core.eval.checks import check_device, check_int, check_out_folder
+from clip_core.checks import check_device, check_out_folder, whole_number
+from clip_core.data.parquet import atomic_open
 from clip_core.eval.datasets import EvalSet, load_eval_set
 from clip_core.eval.linear_probe import evaluate_linear_probe
 from clip_core.eval.retrieval import evaluate_retrieval
 from clip_core.eval.zeroshot import evaluate_zeroshot
-from clip_core.model import load_checkpoint
+from clip_core.weights import load_model, resolve_checkpoint
 
 __all__ = ["TASKS", "evaluate", "resolve_checkpoint", "load_model", "default_model_name", "result_record",
            "write_result", "read_results", "markdown_table", "write_markdown"]
@@ -41,74 +38,10 @@ TASKS = {
     "retrieval": ("zeroshot_retrieval", "retrieval"),
     "linear-probe": ("linear_probe", "classification"),
 }
-_CHECKPOINT_DIR = re.compile(r"^(?:checkpoint|step)(?:[_-](.*))?$")
-_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _NOT_PERCENT = {"C"}
 
 
 # ----- checkpoints -----
-
-def _step(name: str) -> int | None:
-    match = _CHECKPOINT_DIR.match(name)
-    return int(match.group(1)) if match and match.group(1) and match.group(1).isdigit() else None
-
-
-def _newest_first(folders: list[Path]) -> list[Path]:
-    """By step number when every name has one, else by modification time (then name)."""
-    steps = [_step(f.name) for f in folders]
-    if all(s is not None for s in steps):
-        return [f for _, f in sorted(zip(steps, folders), key=lambda t: (t[0], t[1].name), reverse=True)]
-    return sorted(folders, key=lambda f: (f.stat().st_mtime, f.name), reverse=True)
-
-
-def _checkpoint_folders(folder: Path, depth: int = 3) -> list[Path]:
-    """Folders named checkpoint_*/step_*/model up to `depth` levels down (not inside one another)."""
-    found = []
-    for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if _CHECKPOINT_DIR.match(d.name) or d.name == "model":
-            found.append(d)
-        elif depth > 1:
-            found += _checkpoint_folders(d, depth - 1)
-    return found
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The file or folder `load_checkpoint` should read for CKPT (see the module docstring)."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    if (path / "model.safetensors").is_file():
-        return path if (path / "config.json").is_file() else path / "model.safetensors"
-    for candidate in _newest_first(_checkpoint_folders(path)):
-        try:
-            return resolve_checkpoint(candidate)
-        except FileNotFoundError:
-            continue  # e.g. a checkpoint still being written
-    weights = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
-    if len(weights) == 1:
-        return weights[0]
-    found = f"several weight files ({', '.join(p.name for p in weights)})" if weights else "no weights"
-    raise FileNotFoundError(f"no checkpoint in {path}: {found}; expected model.safetensors + config.json, "
-                            f"one weight file, or checkpoint_*/step_* folders")
-
-
-_CHECKPOINT_FIX = ("pass a model.safetensors (+ config.json) written by `clip-pipeline train`, "
-                   "an OpenAI .pt, or a training output folder")
-
-
-def load_model(checkpoint: str | Path) -> tuple[torch.nn.Module, Path]:
-    """(model in eval mode, resolved path); a file that is no loadable CLIP raises InputError naming it."""
-    resolved = resolve_checkpoint(checkpoint)
-    try:
-        return load_checkpoint(resolved).eval(), resolved
-    except Exception as err:  # noqa: BLE001 -- any failure to read these bytes means a bad checkpoint file
-        if isinstance(err, InputError) and str(resolved) in str(err):
-            raise
-        what = "model.safetensors does not match config.json" if resolved.is_dir() else "cannot load a CLIP from it"
-        raise InputError(f"checkpoint {resolved}", f"{what}: {type(err).__name__}: {err}", _CHECKPOINT_FIX) from err
-
 
 def default_model_name(checkpoint: str | Path, resolved: Path) -> str:
     """A readable model id: the CKPT name, plus the name of the checkpoint picked inside it."""
@@ -142,9 +75,8 @@ def write_result(record: dict, out_dir: str | Path) -> Path:
 
 def _write_atomic(path: Path, text: str) -> None:
     """Write beside `path`, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with atomic_open(LocalFileSystem(), str(path), "w") as f:
+        f.write(text)
 
 
 def read_results(out_dir: str | Path) -> list[dict]:
@@ -254,10 +186,10 @@ def evaluate(checkpoint: str | Path, eval_dirs: Sequence[str | Path], tasks: Seq
              model_name: str | None = None, paper_prompts: bool = False, device: str | None = None,
              progress: bool | None = None, num_workers: int = 0) -> list[dict]:
     """Run each task on each eval set of its kind; write the JSONs and results.md; return the records."""
-    check_int(batch_size, "--batch-size", 1)
-    check_int(num_workers, "--workers", 0)
-    check_out_folder(out_dir, "--out")
-    check_device(device)
+    whole_number("--batch-size", batch_size)
+    whole_number("--workers", num_workers, 0)
+    check_out_folder("--out", out_dir)
+    check_device("--device", device)
     tasks = _check_tasks(tasks)
     pairs = _pairs(tasks, _open_sets(eval_dirs, dataset_names, paper_prompts))
     model, resolved = load_model(checkpoint)

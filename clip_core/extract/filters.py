@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 from urllib.parse import urldefrag, urljoin, urlsplit
 
-from clip_core.curation.inputs import check, whole_number
+from clip_core.checks import whole_number
+from clip_core.errors import check
 
 DROP_REASONS = ("empty_alt", "bad_url", "bad_scheme", "extension", "caption_short",
                 "caption_long", "language", "duplicate")

@@ -15,14 +15,14 @@ whitespace collapsed. Rules per link live in `extract_filters.py`.
 
 Output, OUT being any fsspec URI: `OUT/part-NNNNN.parquet` (`url`, `caption`, `uid`,
 `page_url`) and `OUT/extract_stats.json`, built in OUT/_extract_staging-<token>/ and swapped in
-at the end (`clip_core.curation.staging`): a failed run leaves the previous result whole.
+at the end (`clip_core.data.staging`): a failed run leaves the previous result whole.
 
 Duplicates: a (url, caption) pair is kept once per run, across files too, first
 occurrence in input order winning. The key is the first 64 bits of the pair's blake2b
 digest, held in a Python set in the driver: about 80 bytes per unique pair (10M pairs
 ~ 0.8 GB), and a false "duplicate" with probability ~ n^2 / 2^65 (n = 10^8: ~3e-4).
-Files are read in parallel (a process pool, or any executor with an ordered `map`, e.g.
-Ray's); the driver merges in input order, so the rows do not depend on the worker count.
+Files are read in parallel (`clip_core.executors.LocalExecutor`, or any executor with an ordered
+`map`, e.g. Ray's); the driver merges in input order, so the rows do not depend on the worker count.
 The pool starts workers with the spawn method: a script that calls `extract` at top level
 with workers > 1 needs an `if __name__ == "__main__":` guard.
 
@@ -38,26 +38,24 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import multiprocessing
 import os
 import time
 import zlib
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import NamedTuple
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 import pyarrow as pa
-import pyarrow.parquet as pq
 from warcio.archiveiterator import ArchiveIterator
 from warcio.exceptions import ArchiveLoadFailed
 from warcio.statusandheaders import StatusAndHeadersParserException
 
-from clip_core.curation.inputs import WAT_FIX, check, check_wat, whole_number
-from clip_core.curation.staging import StagedOutput
+from clip_core.checks import whole_number
+from clip_core.data.parquet import as_uri, expand_uris, write_json, write_parquet
+from clip_core.data.staging import StagedOutput
+from clip_core.errors import InputError, check
+from clip_core.executors import Executor, LocalExecutor
 from clip_core.extract.filters import (
     DROP_REASONS, BaseUrl, PairFilter, normalize_caption, page_base, parse_extensions,
     resolve_image_url, split_base)
@@ -75,6 +73,7 @@ ERROR_KINDS = ("bad_json", "bad_record", "truncated_record", "truncated_stream",
 SCHEMA = pa.schema([("url", pa.string()), ("caption", pa.string()),
                     ("uid", pa.string()), ("page_url", pa.string())])
 STATS_NAME = "extract_stats.json"
+WAT_FIX = "give Common Crawl WAT files: .warc.wat.gz, gzipped WARC metadata records"
 DEFAULT_SHARD_ROWS = 1_000_000
 _READ_ERRORS = (ArchiveLoadFailed, StatusAndHeadersParserException, EOFError, OSError, zlib.error)
 
@@ -280,50 +279,11 @@ def _extract_task(task: tuple[str, PairFilter, dict | None]) -> tuple[pa.Table, 
     return extract_file(*task)
 
 
-class InlineExecutor:
-    """Runs tasks one after another in this process (the workers=1 path)."""
-
-    def map(self, fn: Callable, items: Iterable) -> Iterator:
-        """Results of fn over items, in order."""
-        return map(fn, items)
-
-
-class LocalExecutor:
-    """A spawn-based process pool whose `map` keeps at most `window` results in flight."""
-
-    def __init__(self, workers: int, window: int | None = None):
-        self.workers, self.window = workers, window or 2 * workers
-        self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-
-    def map(self, fn: Callable, items: Iterable) -> Iterator:
-        """Results of fn over items, in order; memory bounded by the window, not the input."""
-        pending: deque = deque()
-        for item in items:
-            pending.append(self._pool.submit(fn, item))
-            if len(pending) >= self.window:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-    def __enter__(self) -> LocalExecutor:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._pool.shutdown(cancel_futures=True)
-
-
-@contextlib.contextmanager
-def _executor_for(executor, workers: int | None, n_files: int):
-    """The caller's executor, or a local one sized by `workers` (default: all cores)."""
+def _executor_for(executor: Executor | None, workers: int | None, n_files: int):
+    """The caller's executor, or a local one of `workers` processes (default: all cores), no more than files."""
     if executor is not None:
-        yield executor
-        return
-    workers = min(workers or os.cpu_count() or 1, max(n_files, 1))
-    if workers <= 1:
-        yield InlineExecutor()
-        return
-    with LocalExecutor(workers) as pool:
-        yield pool
+        return contextlib.nullcontext(executor)
+    return LocalExecutor(min(workers or os.cpu_count() or 1, max(n_files, 1)))
 
 
 class _ShardWriter:
@@ -353,8 +313,7 @@ class _ShardWriter:
 
     def _write(self, table: pa.Table) -> None:
         name = f"part-{len(self.paths):05d}.parquet"  # in the staging folder: swapped in whole at the end
-        with self.fs.open(f"{self.root}/{name}", "wb") as f:
-            pq.write_table(table.combine_chunks(), f)
+        write_parquet(self.fs, f"{self.root}/{name}", table.combine_chunks())
         self.paths.append(name)
 
 
@@ -366,28 +325,8 @@ def _drop_seen(table: pa.Table, seen: set[int]) -> pa.Table:
     return table.filter(mask).drop_columns(["key"])
 
 
-def _as_uri(fs, path: str) -> str:
-    """A path of `fs` as a URI other processes can open (local paths stay plain)."""
-    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
-
-
-def expand_uris(uris: Sequence[str], storage_options: dict | None = None) -> list[str]:
-    """The URIs with glob patterns (`*`, `?`, `[`) replaced by their sorted matches."""
-    out = []
-    for uri in uris:
-        if not any(c in uri for c in "*?["):
-            out.append(uri)
-            continue
-        fs, pattern = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-        matches = sorted(fs.glob(pattern))
-        if not matches:
-            raise FileNotFoundError(f"no WAT file matches {uri}")
-        out.extend(_as_uri(fs, m) for m in matches)
-    return out
-
-
 def extract(wat_uris: Sequence[str], out_uri: str, *, workers: int | None = None,
-            executor=None, min_caption_len: int | None = None,
+            executor: Executor | None = None, min_caption_len: int | None = None,
             max_caption_len: int | None = None, languages: Iterable[str] | None = None,
             image_extensions: Iterable[str] | None = None, language_detector=None,
             shard_rows: int = DEFAULT_SHARD_ROWS,
@@ -401,7 +340,7 @@ def extract(wat_uris: Sequence[str], out_uri: str, *, workers: int | None = None
     output.check()
     wat_uris = [wat_uris] if isinstance(wat_uris, str) else list(wat_uris)  # one path, not its letters
     check(bool(wat_uris), "WAT", "no WAT file given", WAT_FIX)
-    uris = expand_uris(wat_uris, storage_options)
+    uris = expand_uris(wat_uris, storage_options, what="WAT file")
     for uri in uris:
         check_wat(uri, storage_options)
     start, seen, files = time.perf_counter(), set(), []
@@ -415,7 +354,7 @@ def extract(wat_uris: Sequence[str], out_uri: str, *, workers: int | None = None
                 stats.pairs_kept = kept.num_rows
                 writer.add(kept)
                 files.append(stats)
-        shards = [_as_uri(output.fs, f"{output.out}/{name}") for name in writer.close()]  # where they end up
+        shards = [as_uri(output.fs, f"{output.out}/{name}") for name in writer.close()]  # where they end up
         result = _finish(output.fs, output.path, files, shards, time.perf_counter() - start, pair_filter)
         output.commit()
     return result
@@ -424,8 +363,29 @@ def extract(wat_uris: Sequence[str], out_uri: str, *, workers: int | None = None
 def check_extract_options(workers: int | None, shard_rows: int) -> None:
     """InputError for a run option extract cannot honour (PairFilter checks its own)."""
     if workers is not None:
-        whole_number("--workers", workers, why="parallel files; leave it out for all cores")
-    whole_number("--shard-rows", shard_rows, why="rows per part file")
+        whole_number("--workers", workers, fix="parallel files; leave it out for all cores")
+    whole_number("--shard-rows", shard_rows, fix="rows per part file")
+
+
+def check_wat(uri: str, storage_options: dict | None = None) -> None:
+    """InputError unless uri is a file that opens as a WARC: gzip whose first member starts with
+    "WARC/" (or holds nothing), or plain "WARC/". One read of its first 64 KiB."""
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    check(fs.exists(path), uri, "does not exist", WAT_FIX)
+    check(not fs.isdir(path), uri, "is a folder", "give WAT files, or a glob such as 'wat/*.warc.wat.gz'")
+    with fs.open(path, "rb") as f:
+        head = f.read(1 << 16)
+    check(bool(head), uri, "is empty (0 bytes), not a WAT file", WAT_FIX)
+    if head[:2] != b"\x1f\x8b":
+        check(head.startswith(b"WARC/"), uri, "is neither gzip nor WARC, not a WAT file", WAT_FIX)
+        return
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        text = inflate.decompress(head, 64)
+    except zlib.error as err:
+        raise InputError(uri, f"is not valid gzip ({err}), not a WAT file", WAT_FIX) from None
+    check(text.startswith(b"WARC/") or (not text and inflate.eof), uri,
+          "is gzip but holds no WARC records, not a WAT file", WAT_FIX)
 
 
 def _warnings(files: list[FileStats]) -> list[str]:
@@ -449,6 +409,5 @@ def _finish(fs, root: str, files: list[FileStats], shards: list[str], seconds: f
         totals.add(stats)
     result = ExtractStats(files=files, totals=totals, rows=totals.pairs_kept, shards=shards,
                           seconds=seconds, filters=pair_filter.describe(), warnings=_warnings(files))
-    with fs.open(f"{root}/{STATS_NAME}", "wb") as f:
-        f.write(json.dumps(result.to_dict(), indent=2).encode())
+    write_json(fs, f"{root}/{STATS_NAME}", result.to_dict())
     return result

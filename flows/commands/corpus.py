@@ -13,10 +13,11 @@ import sys
 
 from clip_core.crawl.download import crawl
 from clip_core.crawl.safety import RESIZE_MODES
-from clip_core.curation.curate import LocalExecutor, check_curate_options, curate
-from clip_core.curation.inputs import whole_number
+from clip_core.checks import whole_number
+from clip_core.curation.curate import check_curate_options, curate
 from clip_core.curation.queries import build_queries, check_queries_options
 from clip_core.errors import BAD_INPUT_ERRORS, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from clip_core.executors import LocalExecutor
 from clip_core.extract.wat import DEFAULT_SHARD_ROWS, STATS_NAME, extract
 
 
@@ -122,7 +123,7 @@ def run_curate_command(args: argparse.Namespace) -> int:
     """Run `clip-pipeline curate` and print the totals."""
     check_curate_options(args.max_per_query, args.target_size, args.seed, args.shard_rows)  # before any executor
     if args.workers is not None:
-        whole_number("--workers", args.workers, why="worker processes; leave it out for all cores")
+        whole_number("--workers", args.workers, fix="worker processes; leave it out for all cores")
     with stage_executor(args.executor, args.ray_address, args.workers, local=LocalExecutor) as executor:
         stats = curate(args.pairs, args.queries, args.out, max_per_query=args.max_per_query,
                        target_size=args.target_size, seed=args.seed, case_sensitive=not args.case_insensitive,

@@ -1,7 +1,10 @@
-"""Checks at the door for the evaluate, dedup and overlap stages (STYLE.md 15).
+"""Checks at the door (STYLE 15): the numbers, paths and devices every stage validates before any work.
 
-Each raises `InputError` naming the option or file, the problem and the fix, before any
-model is loaded or image decoded; the command line turns it into one line and exit 2.
+Each raises `InputError(where, problem, fix)`: `where` names the option or file as the user wrote
+it, `problem` says what is wrong with the value given, and `fix` what to pass instead; the command
+line prints it as one line and exits 2. The number checks return the value, so they read inline.
+Checks that belong to one stage (a WAT file's first bytes, dedup's or crawl's option sets) live
+with the stage, built on these.
 """
 from __future__ import annotations
 
@@ -13,28 +16,33 @@ import fsspec
 
 from clip_core.errors import InputError, check
 
-__all__ = ["check_int", "check_fraction", "check_finite", "check_out_folder", "check_folder", "check_file",
-           "check_device"]
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # True is no count: a typo
 
 
-def check_int(value, where: str, minimum: int) -> int:
-    """`value` as an int >= minimum (bools and floats are refused: they are typos)."""
+def whole_number(where: str, value, minimum: int = 1, maximum: int | None = None, fix: str | None = None) -> int:
+    """value, an int (not a bool or a float) in [minimum, maximum]."""
     ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-    check(ok, where, f"must be an integer >= {minimum}, got {value!r}", f"pass {where} {minimum} or more")
+    ok = ok and (maximum is None or value <= maximum)
+    bound = f">= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+    default = f"pass {where} {minimum} or more" if maximum is None else f"pass {where} from {minimum} to {maximum}"
+    check(ok, where, f"must be a whole number {bound}, got {value!r}", fix or default)
     return value
 
 
-def check_fraction(value, where: str) -> float:
-    """`value` as a float in (0, 1]."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
-    check(ok, where, f"must be in (0, 1], got {value!r}", f"pass a value such as {where} 0.99")
+def finite_number(where: str, value, fix: str | None = None, above: float | None = None) -> float:
+    """value as a float: a finite int or float (not a bool), and > above when given."""
+    ok = _is_number(value) and math.isfinite(value) and (above is None or value > above)
+    bound = "" if above is None else f" > {above:g}"
+    check(ok, where, f"must be a finite number{bound}, got {value!r}", fix)
     return float(value)
 
 
-def check_finite(value, where: str) -> float:
-    """`value` as a finite float."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    check(ok, where, f"must be a finite number, got {value!r}")
+def fraction(where: str, value, fix: str | None = None) -> float:
+    """value as a float in (0, 1]."""
+    ok = _is_number(value) and 0 < value <= 1
+    check(ok, where, f"must be in (0, 1], got {value!r}", fix or f"pass a value such as {where} 0.99")
     return float(value)
 
 
@@ -45,7 +53,7 @@ def _nearest_existing(path: Path) -> Path:
     return Path(".")
 
 
-def check_out_folder(uri: str, where: str) -> None:
+def check_out_folder(where: str, uri: str) -> None:
     """An output folder: not a file, and (on the local disk) inside a writable folder."""
     fs, root = fsspec.core.url_to_fs(str(uri))
     check(not fs.isfile(root), where, f"{uri} is a file, not a folder", "pass a folder path; it is created if missing")
@@ -56,7 +64,7 @@ def check_out_folder(uri: str, where: str) -> None:
     check(os.access(existing, os.W_OK | os.X_OK), where, f"cannot write in {existing}", "pass a writable folder")
 
 
-def check_folder(uri: str, where: str, what: str = "folder") -> None:
+def check_folder(where: str, uri: str, what: str = "folder") -> None:
     """An input folder that exists."""
     fs, root = fsspec.core.url_to_fs(str(uri))
     if fs.isfile(root):
@@ -64,18 +72,18 @@ def check_folder(uri: str, where: str, what: str = "folder") -> None:
     check(fs.isdir(root), where, f"no {what} at {uri}", "check the path")
 
 
-def check_file(uri: str, where: str, what: str = "file") -> None:
+def check_file(where: str, uri: str, what: str = "file") -> None:
     """An input file that exists."""
     fs, root = fsspec.core.url_to_fs(str(uri))
     check(not fs.isdir(root), where, f"{uri} is a folder, not a {what}", f"pass the {what} itself")
     check(fs.isfile(root), where, f"no {what} at {uri}", "check the path")
 
 
-def check_device(device: str | None, where: str = "--device") -> str | None:
+def check_device(where: str, device: str | None) -> str | None:
     """cpu, cuda, cuda:N (present on this machine) or mps; None means the stage's default."""
     if device is None:
         return None
-    import torch
+    import torch  # here, not at the top: the corpus stages check numbers without loading torch
     kind, _, index = str(device).partition(":")
     fix = "pass cpu, cuda or cuda:N"
     check(kind in ("cpu", "cuda", "mps") and (not index or index.isdigit()), where, f"unknown device {device!r}", fix)
