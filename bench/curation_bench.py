@@ -107,7 +107,7 @@ def ours(files: list[str], queries_uri: str, out: str, t: int, workers: int) -> 
     passes = {}
     with Timed(workers) as executor:
         stats = curate(files, queries_uri, out, max_per_query=t, executor=executor)
-    return {"matched": stats["totals"]["matched"], "kept": stats["totals"]["kept"], "passes": passes}
+    return {"matched": stats.matched, "kept": stats.kept, "passes": passes}
 
 
 def matchers(file: str, queries_uri: str) -> list[tuple[str, float, float, int]]:

@@ -136,7 +136,7 @@ def main() -> int:
           "| from shards: samples/s | data wait |")
     print("|---|---|---|---|---|---|")
     for preset in args.presets:
-        cfg = TrainConfig(corpus=corpus, output=str(tmp / preset), preset=preset, batch_size=args.batch,
+        cfg = TrainConfig(corpus=corpus, preset=preset, batch_size=args.batch,
                           steps=args.warmup + args.steps, precision=args.precision, compile=args.compile,
                           grad_checkpointing=args.grad_checkpointing, data_workers=args.loader_workers,
                           shuffle_buffer=1000, warmup=5)

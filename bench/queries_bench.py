@@ -87,7 +87,7 @@ def ours(path: str, workers: int, out: str) -> dict:
     table = pq.read_table(f"{out}/queries.parquet").to_pydict()
     uni = sorted(q for q, k in zip(table["query"], table["kind"]) if k == "unigram")
     bi = sorted(q for q, k in zip(table["query"], table["kind"]) if k == "bigram")
-    return {"tokens": stats["tokens"], "unigrams": len(uni), "bigrams": len(bi), "digest": hash(tuple(uni) + tuple(bi))}
+    return {"tokens": stats.tokens, "unigrams": len(uni), "bigrams": len(bi), "digest": hash(tuple(uni) + tuple(bi))}
 
 
 def run_child(config: dict) -> dict:

@@ -67,12 +67,13 @@ def plain_loop(cfg: TrainConfig, warmup: int) -> dict:
     return summarise(times.rows, warmup)
 
 
-def ray_loop(cfg: TrainConfig, warmup: int) -> dict:
+def ray_loop(cfg: TrainConfig, run_options: dict, warmup: int) -> dict:
     """flows/train.py with one worker: TorchTrainer, callbacks, MLflow (SQLite) on rank 0."""
-    from flows.train import train
+    from flows.train import RunSettings, train
 
-    train(cfg)
-    rows = [json.loads(line) for line in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
+    run = RunSettings(**run_options)
+    train(cfg, run)
+    rows = [json.loads(line) for line in (Path(run.output) / "metrics.jsonl").read_text().splitlines()]
     return summarise([r for r in rows if "step_time" in r], warmup)
 
 
@@ -101,16 +102,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="train-bench-"))
     corpus = write_corpus(tmp / "corpus", 4, 256)
-    base = dict(corpus=corpus, preset=args.preset, image_size=args.image_size, steps=args.steps,
-                batch_size=args.batch_size, lr=5e-4, warmup=5, precision="fp32", data_workers=1, shuffle_buffer=256,
-                workers=1, cpus_per_worker=float(args.threads), checkpoint_every=10 * args.steps, log_every=10)
+    cfg = TrainConfig(corpus=corpus, preset=args.preset, image_size=args.image_size, steps=args.steps,
+                      batch_size=args.batch_size, lr=5e-4, warmup=5, precision="fp32", data_workers=1,
+                      shuffle_buffer=256)
+    run = dict(output=str(tmp / "ray"), workers=1, cpus_per_worker=float(args.threads),
+               checkpoint_every=10 * args.steps, log_every=10)
     # plain before and after Ray: on a shared machine the load drifts; the ratio uses their mean
-    before = plain_loop(TrainConfig(**base, output=str(tmp / "plain")), args.warmup)
-    ray = ray_loop(TrainConfig(**base, output=str(tmp / "ray")), args.warmup)
-    after = plain_loop(TrainConfig(**base, output=str(tmp / "plain")), args.warmup)
+    before = plain_loop(cfg, args.warmup)
+    ray = ray_loop(cfg, run, args.warmup)
+    after = plain_loop(cfg, args.warmup)
     plain = {k: (before[k] + after[k]) / 2 for k in before}
     consumed = args.batch_size / plain["median_step_s"]
-    rates = {w: loader_rate(TrainConfig(**base, output=str(tmp / "x")), args.image_size, w) for w in (1, 2)}
+    rates = {w: loader_rate(cfg, args.image_size, w) for w in (1, 2)}
     load = os.getloadavg()[0]
     print(f"\n## train_bench ({args.preset} @ {args.image_size}px, batch {args.batch_size}, {args.threads} thread(s), "
           f"{os.cpu_count()} cores, load avg {load:.1f})\n")

@@ -26,9 +26,9 @@ from synthweb.generator import generate_web
 from synthweb.app import SyntheticWeb
 from clip_core.data.webdataset import write_shards
 from clip_core.eval.zeroshot import evaluate_zeroshot
-from clip_core.model import load_checkpoint
 from clip_core.train import TrainConfig, build_training
 from clip_core.train.optim import unwrap
+from clip_core.weights import load_checkpoint
 
 SETS = ("colors", "shapes", "counts", "digits", "words")
 
@@ -48,15 +48,15 @@ def accuracy(model, sets: dict[str, str]) -> dict[str, float]:
     return {name: evaluate_zeroshot(model, path, progress=False).metrics["acc1"] for name, path in sets.items()}
 
 
-def run_pair(cfg: TrainConfig, sets: dict[str, str]) -> tuple[dict, dict]:
-    """(plain, Ray) zero-shot accuracies of one seed."""
-    from flows.train import train
+def run_pair(cfg: TrainConfig, output: str, sets: dict[str, str]) -> tuple[dict, dict]:
+    """(plain, Ray) zero-shot accuracies of one seed: one process, then 2 Ray workers."""
+    from flows.train import RunSettings, train
 
-    trainer, loader = build_training(TrainConfig.from_dict({**cfg.to_dict(), "workers": 1,
-                                                            "output": f"{cfg.output}-plain"}))
+    trainer, loader = build_training(cfg)
     trainer.fit(loader, cfg.total_steps)
     plain = accuracy(unwrap(trainer.model), sets)
-    ray = accuracy(load_checkpoint(train(cfg)["model"]), sets)
+    run = RunSettings(output=output, workers=2, cpus_per_worker=1.0, checkpoint_every=cfg.total_steps, log_every=50)
+    ray = accuracy(load_checkpoint(train(cfg, run).model), sets)
     return plain, ray
 
 
@@ -89,11 +89,9 @@ def main() -> None:
     corpus, sets = build_corpus(root, args.pairs)
     rows = []
     for seed in args.seeds:
-        cfg = TrainConfig(corpus=corpus, output=str(root / f"seed{seed}"), preset="tiny", steps=args.steps,
-                          batch_size=args.batch_size, lr=1e-3, warmup=20, precision="fp32", workers=2,
-                          cpus_per_worker=1.0, data_workers=1, shuffle_buffer=500, seed=seed,
-                          checkpoint_every=args.steps, log_every=50)
-        rows.append((seed, *run_pair(cfg, sets)))
+        cfg = TrainConfig(corpus=corpus, preset="tiny", steps=args.steps, batch_size=args.batch_size, lr=1e-3,
+                          warmup=20, precision="fp32", data_workers=1, shuffle_buffer=500, seed=seed)
+        rows.append((seed, *run_pair(cfg, str(root / f"seed{seed}"), sets)))
         print(f"seed {seed}: plain {rows[-1][1]}; Ray {rows[-1][2]}", flush=True)
     print(f"\n## train_parity (tiny, {args.pairs} pairs, {args.steps} steps, global batch {args.batch_size}, "
           f"Ray 2 workers; {time.time() - start:.0f} s)\n\nzero-shot top-1 on the synthetic web's eval sets\n")

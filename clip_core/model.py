@@ -8,30 +8,17 @@ with strict=True (and ours into theirs); attention is computed with scaled_dot_p
 """
 from __future__ import annotations
 
-import json
 import math
-import pickle
-import re
-import zipfile
 from collections import OrderedDict
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from clip_core.config import CLIPConfig, TextConfig, VisionConfig, available_models, load_preset
-from clip_core.errors import InputError
+from clip_core.config import CLIPConfig, available_models, load_preset
 
-__all__ = ["CLIP", "available_models", "create_model", "build_model", "config_from_state_dict",
-           "load_state_dict", "load_checkpoint", "save_checkpoint", "read_safetensors", "read_torch_weights",
-           "read_config"]
-
-# Top-level entries of OpenAI's released checkpoints that are not parameters.
-_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+__all__ = ["CLIP", "available_models", "create_model"]
 
 
 class LayerNorm(nn.LayerNorm):
@@ -298,7 +285,7 @@ class CLIP(nn.Module):
         return image_features, text_features, self.logit_scale.exp()
 
 
-# ----- building and loading -----
+# ----- building -----
 
 def create_model(name_or_config: str | CLIPConfig | dict, **overrides) -> CLIP:
     """A randomly initialised fp32 CLIP from a preset name, config or config dict."""
@@ -309,171 +296,3 @@ def create_model(name_or_config: str | CLIPConfig | dict, **overrides) -> CLIP:
     else:
         config = name_or_config
     return CLIP(config.replace(**overrides) if overrides else config)
-
-
-def _count_blocks(state_dict: dict, prefix: str) -> int:
-    return len({k[len(prefix):].split(".")[0] for k in state_dict if k.startswith(prefix)})
-
-
-def _require(state_dict: dict, key: str) -> torch.Tensor:
-    if key not in state_dict:
-        raise ValueError(f"not a CLIP state_dict: no {key!r} (has {len(state_dict)} keys)")
-    return state_dict[key]
-
-
-def _vision_from_state_dict(sd: dict) -> VisionConfig:
-    if "visual.proj" in sd:  # ViT
-        width, _, patch, _ = _require(sd, "visual.conv1.weight").shape
-        grid = round((_require(sd, "visual.positional_embedding").shape[0] - 1) ** 0.5)
-        layers = _count_blocks(sd, "visual.transformer.resblocks.")
-        return VisionConfig(image_size=patch * grid, layers=layers, width=width, patch_size=patch)
-    layers = tuple(_count_blocks(sd, f"visual.layer{i}.") for i in range(1, 5))
-    width = _require(sd, "visual.layer1.0.conv1.weight").shape[0]
-    grid = round((_require(sd, "visual.attnpool.positional_embedding").shape[0] - 1) ** 0.5)
-    return VisionConfig(image_size=grid * 32, layers=layers, width=width, patch_size=None)
-
-
-def _same_but_heads(a: CLIPConfig, b: CLIPConfig) -> bool:
-    da, db = a.to_dict(), b.to_dict()
-    for d in (da, db):
-        d["vision_cfg"].pop("heads"), d["text_cfg"].pop("heads")
-    return da == db
-
-
-def config_from_state_dict(state_dict: dict) -> CLIPConfig:
-    """Infer the architecture from weights as OpenAI's build_model does.
-
-    Heads cannot be read from weights: OpenAI assumes width // 64. A state_dict whose every
-    other dimension matches a preset takes that preset's heads (e.g. `tiny`).
-    """
-    sd = state_dict
-    width = _require(sd, "ln_final.weight").shape[0]
-    text = TextConfig(
-        context_length=_require(sd, "positional_embedding").shape[0],
-        vocab_size=_require(sd, "token_embedding.weight").shape[0],
-        width=width, heads=max(width // 64, 1), layers=_count_blocks(sd, "transformer.resblocks."),
-    )
-    config = CLIPConfig(embed_dim=_require(sd, "text_projection").shape[1], vision=_vision_from_state_dict(sd), text=text)
-    presets = (load_preset(name) for name in available_models())
-    return next((p for p in presets if _same_but_heads(p, config)), config)
-
-
-def _listing(keys: list[str], n: int = 5) -> str:
-    more = f", ... (+{len(keys) - n} more)" if len(keys) > n else ""
-    return f"{len(keys)} ({', '.join(keys[:n])}{more})"
-
-
-def _clean_state_dict(state_dict: dict) -> dict:
-    """Unwrap {"state_dict": ...}, strip "module.", drop OpenAI's extra keys, copy to fp32."""
-    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
-        state_dict = state_dict["state_dict"]
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
-    state_dict = {k: v for k, v in state_dict.items() if k not in _OPENAI_EXTRA_KEYS}
-    not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
-    if not_tensors:
-        raise ValueError(f"state_dict entries that are not tensors: {_listing(not_tensors)}")
-    return {k: v.to(torch.float32, copy=True) if v.is_floating_point() else v.clone() for k, v in state_dict.items()}
-
-
-def load_state_dict(model: nn.Module, state_dict: dict, assign: bool = False) -> nn.Module:
-    """Strict load whose errors name the missing/unexpected keys and mismatched shapes."""
-    ours = model.state_dict()
-    missing, unexpected = sorted(set(ours) - set(state_dict)), sorted(set(state_dict) - set(ours))
-    if missing or unexpected:
-        raise ValueError(f"state_dict does not match the model: missing keys {_listing(missing)}; "
-                         f"unexpected keys {_listing(unexpected)}")
-    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(ours[k].shape)}"
-           for k, v in state_dict.items() if v.shape != ours[k].shape]
-    if bad:
-        raise ValueError(f"shape mismatch in {len(bad)} tensors: " + "; ".join(bad[:5]))
-    model.load_state_dict(state_dict, strict=True, assign=assign)
-    return model
-
-
-def _from_weights(config: CLIPConfig, state_dict: dict) -> CLIP:
-    with torch.device("meta"):  # skip random init: every tensor comes from the state_dict
-        model = CLIP(config)
-    return load_state_dict(model, state_dict, assign=True).eval()
-
-
-def build_model(state_dict: dict) -> CLIP:
-    """A fp32 CLIP in eval mode with the architecture inferred from (OpenAI's) weights."""
-    state_dict = _clean_state_dict(state_dict)
-    return _from_weights(config_from_state_dict(state_dict), state_dict)
-
-
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(name.split("/", 1)[-1].startswith("code/") for name in z.namelist())
-
-
-_SAFE_FIX = "re-export it, or restore a good copy of the checkpoint"
-
-
-def read_safetensors(path: str | Path, device: str = "cpu") -> dict:
-    """The tensors of a .safetensors file; InputError naming the file when it is not a whole one."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    try:
-        return load_file(str(path), device=device)
-    except SafetensorError as e:  # its message never names the file
-        raise InputError(str(path), f"not a safetensors file, or a truncated one ({e})", _SAFE_FIX) from e
-
-
-def read_torch_weights(path: str | Path) -> dict:
-    """torch.load of plain tensors and containers only: a pickle of code is refused, never run."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's message suggests weights_only=False, i.e. running the file's code: never do that here
-        named = re.search(r"GLOBAL (\S+)", str(e), re.IGNORECASE)
-        if named:
-            raise InputError(str(path), f"a pickle that is not plain weights (it names {named.group(1)}); this "
-                             "project never unpickles code", "convert it to safetensors where it came from") from None
-        raise InputError(str(path), "not a PyTorch checkpoint (not a pickle of tensors)", _SAFE_FIX) from None
-    except (RuntimeError, EOFError) as e:  # a torch.save zip that is cut short or damaged
-        raise InputError(str(path), f"not a whole PyTorch checkpoint ({str(e).split('.')[0]})", _SAFE_FIX) from None
-
-
-def read_config(path: str | Path) -> CLIPConfig:
-    """The CLIPConfig of a checkpoint folder's config.json; InputError naming the file when it is not one."""
-    try:
-        return CLIPConfig.from_json(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file (a checkpoint folder holds config.json and "
-                                "model.safetensors)") from None
-    except (ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
-        kind = "not JSON" if isinstance(e, json.JSONDecodeError) else "not a CLIP config"
-        raise InputError(str(path), f"{kind} ({e})", _SAFE_FIX) from None
-
-
-def _read_state_dict(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    if _is_torchscript(path):  # OpenAI's released .pt files
-        return torch.jit.load(str(path), map_location="cpu").state_dict()
-    return read_torch_weights(path)
-
-
-def load_checkpoint(path: str | Path) -> CLIP:
-    """A fp32 CLIP from .safetensors, .pt/.pth (TorchScript or state_dict) or a saved folder."""
-    path = Path(path)
-    if path.is_dir():
-        config = read_config(path / "config.json")
-        return _from_weights(config, _clean_state_dict(read_safetensors(path / "model.safetensors")))
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    return build_model(_read_state_dict(path))
-
-
-def save_checkpoint(model: CLIP, folder: str | Path, config: CLIPConfig | None = None) -> Path:
-    """Write model.safetensors (OpenAI key names) and config.json into folder."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state_dict = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state_dict, str(folder / "model.safetensors"))
-    (config or model.config).to_json(folder / "config.json")
-    return folder

@@ -32,7 +32,7 @@ def open_classification_sets(eval_dirs: Sequence[str]) -> list:
 
 def zeroshot_correct(checkpoint: str, eval_dirs: Sequence[str], batch_size: int = 64) -> dict[str, np.ndarray]:
     """Top-1 correctness per test image, in index order, for each classification eval set."""
-    from clip_core.eval.run import load_model
+    from clip_core.weights import load_model
     from clip_core.eval.zeroshot import evaluate_zeroshot
 
     sets = open_classification_sets(eval_dirs)

@@ -7,24 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import fsspec
-
 from clip_core.checks import (
     check_device, check_folder, check_out_folder, finite_number, fraction, whole_number,
 )
-from clip_core.errors import InputError, check
+from clip_core.errors import check
 
-
-def list_corpus_shards(corpus_uri: str, storage_options: dict | None = None) -> list[str]:
-    """The corpus's `*.tar` shards, sorted; InputError when the folder is missing or holds none."""
-    fs, root = fsspec.core.url_to_fs(str(corpus_uri), **(storage_options or {}))
-    if fs.isfile(root):
-        raise InputError(f"corpus {corpus_uri}", "is a file, not a folder", "pass the folder of WebDataset shards")
-    check(fs.isdir(root), f"corpus {corpus_uri}", "no such folder", "pass the folder `clip-pipeline crawl` wrote")
-    shards = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".tar"))
-    check(bool(shards), f"corpus {corpus_uri}", "no .tar shards (empty corpus, or not a WebDataset folder?)",
-          "pass the folder `clip-pipeline crawl` wrote")
-    return [fs.unstrip_protocol(p) for p in shards]
+CORPUS_FIX = "pass the folder of WebDataset shards that `clip-pipeline crawl` wrote"
 
 
 def check_thresholds(thresholds: dict | None) -> dict | None:

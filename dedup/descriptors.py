@@ -118,7 +118,7 @@ def make_descriptors(spec: str = "default", detector_path=None, device: str = "c
             from dedup.copy_detector import load_detector
             out.append(DetectorDescriptor(load_detector(detector_path, device)))
         elif name.startswith("clip:"):
-            from clip_core.eval.run import load_model  # a bad checkpoint: InputError naming the file
+            from clip_core.weights import load_model  # a bad checkpoint: InputError naming the file
             out.append(ClipDescriptor(load_model(name[5:])[0].to(device).eval(), name=name))
         else:
             raise InputError("--descriptor", f"unknown descriptor {name!r} in {spec!r}",

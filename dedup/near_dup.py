@@ -8,19 +8,22 @@ recall at the precision target, `calibrate.py`); `dedup_shard` streams one corpu
 against those references; `dedup` runs both and writes `matches.parquet`,
 `kept_keys.parquet`, `dedup_stats.json` and `contact_sheet.png`.
 
-Every corpus sample that is not checked is counted with its reason (no image, undecodable,
-truncated or corrupt shard). Outputs are built in OUT/_dedup_staging-<token>/ and swapped in at
-the end, `dedup_stats.json` last (clip_core.data.staging): a failed run leaves the previous
-complete result in place, and a rerun removes only the files the previous stats list.
+`dedup` returns the stats as a `DedupStats` (per eval set an `EvalSetStats`), and
+`DedupStats.read(OUT)` loads them back from a finished run. Every corpus sample that is not
+checked is counted with its reason (no image, undecodable, truncated or corrupt shard).
+Outputs are built in OUT/_dedup_staging-<token>/ and swapped in at the end, `dedup_stats.json`
+last (clip_core.data.staging): a failed run leaves the previous complete result in place, and
+a rerun removes only the files the previous stats list.
 """
 from __future__ import annotations
 
 import functools
 import heapq
+import json
 import posixpath
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import fsspec
 import numpy as np
@@ -29,22 +32,81 @@ import pyarrow.parquet as pq
 
 from clip_core.data.parquet import write_json, write_parquet
 from clip_core.data.staging import StagedOutput
-from clip_core.data.webdataset import DamagedShardError, iter_shard
+from clip_core.data.webdataset import DamagedShardError, image_field, iter_shard, list_shards
 from clip_core.errors import InputError
 from clip_core.eval.features import batched
 from clip_core.executors import Executor, LocalExecutor
 from dedup.calibrate import calibrate_reference
-from dedup.checks import check_dedup_options, list_corpus_shards
+from dedup.checks import CORPUS_FIX, check_dedup_options
 from dedup.descriptors import decode_all, encode, make_descriptors
 from dedup.index import build_index
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_LISTED = 1000  # unreadable samples listed in dedup_stats.json; unreadable.txt has them all
 STATS_NAME = "dedup_stats.json"  # written last: its presence marks a complete result
 OUTPUT_NAMES = ("matches.parquet", "kept_keys.parquet", "unreadable.txt", "contact_sheet.png", "near_misses.png")
 NO_IMAGE = "sample has no image"
 MATCH_SCHEMA = pa.schema([("key", pa.string()), ("eval_set", pa.string()), ("eval_index", pa.int64()),
                           ("similarity", pa.float32()), ("descriptor", pa.string())])
+
+
+@dataclass(frozen=True)
+class EvalSetStats:
+    """One eval split's overlap with the corpus: its matches and the thresholds they were found with."""
+
+    root: str
+    split: str
+    n: int  # readable images of the split
+    eval_unreadable: list[str]  # the split's images that did not decode
+    matches: int  # (corpus image, eval image, descriptor) rows at or above the threshold
+    matched_corpus_images: int
+    overlap: int  # eval images with at least one corpus near-duplicate
+    overlap_pct: float  # 100 * overlap / n (CLIP Sec. 5's overlap)
+    thresholds: dict[str, float]  # descriptor name -> the similarity a match needs
+    calibration: dict  # how the thresholds were chosen (precision, recall, ...), or {"manual": True}
+
+
+@dataclass(frozen=True)
+class DedupStats:
+    """What dedup did: corpus images checked, removed and kept, unreadable by reason, overlap per eval set."""
+
+    corpus: str
+    descriptor: str
+    descriptors: list[str]
+    precision_target: float
+    splits: list[str]
+    k: int
+    seed: int
+    corpus_shards: int
+    corpus_images: int  # samples read, whether or not their image decoded
+    unreadable: int  # samples not checked: sum of `dropped`
+    dropped: dict[str, int]  # samples not checked, by reason: no_image, undecodable, truncated, corrupt
+    damaged_shards: list[dict]  # truncated or corrupt shards: shard, reason, samples_read, samples_lost, ...
+    unreadable_samples: list[dict]  # key and error of the first MAX_LISTED samples not checked
+    removed: int  # corpus images that near-duplicate an eval image
+    kept: int  # corpus images checked and kept (kept_keys.parquet)
+    eval_sets: dict[str, EvalSetStats]
+    seconds: float = 0.0
+    outputs: list[str] = field(default_factory=list)  # the files of OUT this run wrote, the stats last
+
+    @property
+    def overlap_pct(self) -> dict[str, float]:
+        """Per eval set, the percentage of its images that have a near-duplicate in the corpus."""
+        return {name: s.overlap_pct for name, s in self.eval_sets.items()}
+
+    def to_dict(self) -> dict:
+        """dedup_stats.json's content."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DedupStats:
+        """The stats of dedup_stats.json's content (`to_dict`'s inverse)."""
+        return cls(**{**d, "eval_sets": {name: EvalSetStats(**s) for name, s in d["eval_sets"].items()}})
+
+    @classmethod
+    def read(cls, uri: str, storage_options: dict | None = None) -> DedupStats:
+        """The stats of a finished dedup: OUT/dedup_stats.json, `uri` being OUT."""
+        with fsspec.open(f"{uri.rstrip('/')}/{STATS_NAME}", "r", **(storage_options or {})) as f:
+            return cls.from_dict(json.load(f))
 
 
 @dataclass
@@ -158,7 +220,8 @@ def iter_shard_images(fs, path: str, damaged: list | None = None) -> Iterator[tu
     A truncated or corrupt shard raises DamagedShardError after its complete samples, or with a
     list as `damaged`, appends the error there and ends (clip_core.data.webdataset.iter_shard)."""
     for sample in iter_shard(fs, path, decode=False, damaged=damaged):
-        image = next((v for k, v in sample.items() if k != "__key__" and k.lower() in IMAGE_EXTS), None)
+        field = image_field(sample)
+        image = sample[field] if field else None
         yield sample["__key__"], image
 
 
@@ -254,7 +317,7 @@ def dedup(corpus_uri: str, out_uri: str, eval_dirs: Sequence[str], *, descriptor
           precision: float = 0.99, detector_path: str | None = None, splits: Sequence[str] = ("test",),
           thresholds: dict | None = None, calibration_samples: int = 500, batch_size: int = 128, k: int = 1,
           device: str = "cpu", seed: int = 0, sheet_size: int = 12, storage_options: dict | None = None,
-          executor: Executor | None = None) -> dict:
+          executor: Executor | None = None) -> DedupStats:
     """Find corpus images that duplicate eval images; write matches, kept keys, stats and a contact sheet.
 
     The shards are mapped by `executor` (default: one after another in this process)."""
@@ -267,7 +330,7 @@ def dedup(corpus_uri: str, out_uri: str, eval_dirs: Sequence[str], *, descriptor
     output = StagedOutput(out_uri, "dedup", STATS_NAME, listed_key="outputs", outputs=OUTPUT_NAMES, parts=None,
                           storage_options=storage_options)
     output.check()
-    shards = list_corpus_shards(corpus_uri, storage_options)
+    shards = list_shards(str(corpus_uri), storage_options, where=f"corpus {corpus_uri}", fix=CORPUS_FIX)
     open_eval_splits(eval_dirs, splits)
     descriptors = make_descriptors(descriptor, detector_path, device)
     refs = build_references(eval_dirs, descriptors, splits=splits, precision=precision, thresholds=thresholds,
@@ -275,26 +338,26 @@ def dedup(corpus_uri: str, out_uri: str, eval_dirs: Sequence[str], *, descriptor
     per_shard = functools.partial(dedup_shard, refs=refs, descriptors=descriptors, batch_size=batch_size, k=k,
                                   device=device, sheet_size=sheet_size, storage_options=storage_options)
     results = list((executor or LocalExecutor(1)).map(per_shard, shards))
-    config = {"corpus": corpus_uri, "descriptor": descriptor, "descriptors": [d.name for d in descriptors],
+    config = {"corpus": str(corpus_uri), "descriptor": descriptor, "descriptors": [d.name for d in descriptors],
               "precision_target": precision, "splits": list(splits), "k": k, "seed": seed}
     with output:
-        stats = write_outputs(output.uri, results, refs, config, sheet_size, storage_options)
+        counts = write_outputs(output.uri, results, refs, config, sheet_size, storage_options)
         written = [n for n in OUTPUT_NAMES if output.fs.exists(posixpath.join(output.path, n))]
-        stats = {**stats, "seconds": round(time.time() - t0, 2), "outputs": written + [STATS_NAME]}
-        write_json(output.fs, posixpath.join(output.path, STATS_NAME), stats)
+        stats = DedupStats(**counts, seconds=round(time.time() - t0, 2), outputs=written + [STATS_NAME])
+        write_json(output.fs, posixpath.join(output.path, STATS_NAME), stats.to_dict())
         output.commit()  # the stats file last: its presence marks a complete result
     return stats
 
 
-def _per_set(refs, matches: list[dict]) -> dict:
+def _per_set(refs, matches: list[dict]) -> dict[str, EvalSetStats]:
     out = {}
     for ref in refs:
         rows = [m for m in matches if m["eval_set"] == ref.name]
         overlap = {m["eval_index"] for m in rows}
-        out[ref.name] = {"root": ref.root, "split": ref.split, "n": ref.n, "eval_unreadable": ref.unreadable,
-                         "matches": len(rows), "matched_corpus_images": len({m["key"] for m in rows}),
-                         "overlap": len(overlap), "overlap_pct": 100.0 * len(overlap) / ref.n,
-                         "thresholds": ref.thresholds, "calibration": ref.calibration}
+        out[ref.name] = EvalSetStats(
+            root=ref.root, split=ref.split, n=ref.n, eval_unreadable=ref.unreadable, matches=len(rows),
+            matched_corpus_images=len({m["key"] for m in rows}), overlap=len(overlap),
+            overlap_pct=100.0 * len(overlap) / ref.n, thresholds=ref.thresholds, calibration=ref.calibration)
     return out
 
 
@@ -312,7 +375,7 @@ def _dropped(results: Sequence[ShardResult]) -> dict:
 
 def write_outputs(out_uri: str, results: Sequence[ShardResult], refs, config: dict, sheet_size: int = 12,
                   storage_options: dict | None = None) -> dict:
-    """The reduce: matches.parquet, kept_keys.parquet, contact sheets; returns the stats dict."""
+    """The reduce: matches.parquet, kept_keys.parquet, contact sheets; DedupStats' fields bar seconds, outputs."""
     fs, root = fsspec.core.url_to_fs(out_uri, **(storage_options or {}))
     fs.makedirs(root, exist_ok=True)
     matches = sorted((m for r in results for m in r.matches), key=lambda m: (m["key"], m["eval_set"], m["descriptor"]))

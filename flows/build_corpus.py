@@ -1,7 +1,8 @@
 """The `build-corpus` flow: queries -> curate -> crawl -> dedup (DESIGN.md, the DAG).
 
 Each task is a few lines: URIs in, one library call, URIs out. A stage whose marker (the
-stats JSON it writes last) exists is skipped, so a re-run redoes only what is missing.
+stats JSON it writes last) exists is skipped, so a re-run redoes only what is missing; the
+report reads each stage's typed stats back from its folder (`CurationStats.read(OUT)`, ...).
 With no sources given, the flow builds on the embedded default: the synthetic web,
 generated under the storage URI and served on 127.0.0.1 by the flow itself.
 """
@@ -13,8 +14,7 @@ import os
 from prefect import flow, get_run_logger, task
 from pydantic import BaseModel, Field
 
-from flows.common import (exists, free_port, join, markdown_artifact, read_json, retry_unless_bad_input,
-                          table_artifact)
+from flows.common import exists, free_port, join, markdown_artifact, retry_unless_bad_input, table_artifact
 from flows.pipeline_runs import log_stage, start_parent, tracking_uri
 from flows.tracking import Tracker
 
@@ -90,10 +90,9 @@ def curate_pairs(cfg: CorpusConfig, pairs: list[str], queries: str, out: str) ->
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_bad_input)
 def crawl_pairs(cfg: CorpusConfig, curated: str, out: str, web: str | None) -> str:
-    from clip_core.crawl import crawl
+    from clip_core.crawl import CrawlStats, crawl
 
-    marker = join(out, "crawl_stats.json")
-    if exists(marker) and not read_json(marker).get("incomplete_shards"):
+    if exists(join(out, "crawl_stats.json")) and not CrawlStats.read(out).incomplete_shards:
         return out
     with serving(web):  # a retry resumes: finished shards are kept, unfinished ones fetched again
         stats = crawl(curated, out, image_size=cfg.image_size, processes=cfg.processes, threads=cfg.threads,
@@ -131,19 +130,23 @@ def web_eval_dirs(web: str) -> list[str]:
 
 def corpus_metrics(uris: dict) -> dict:
     """The numbers a person checks first, with the same names in every run."""
-    cur = read_json(join(uris["curated"], "curation_stats.json"))
-    crawl = read_json(join(uris["shards"], "crawl_stats.json"))
+    from clip_core.crawl import CrawlStats
+    from clip_core.curation.curate import CurationStats
+
+    cur, crawl = CurationStats.read(uris["curated"]), CrawlStats.read(uris["shards"])
     metrics = {
-        "curate": {"candidates": cur["totals"]["input_rows"], "matched": cur["totals"]["matched"],
-                   "kept": cur["totals"]["kept"], "t": cur["t"], "queries_matched": cur["queries"]["matched"]},
-        "crawl": {"queued": crawl["queued"], "success": crawl["success"], "success_rate": crawl["success_rate"],
-                  "refused": sum(crawl["refused"].values()), "images_per_second": crawl["images_per_second"]},
+        "curate": {"candidates": cur.input_rows, "matched": cur.matched, "kept": cur.kept, "t": cur.t,
+                   "queries_matched": cur.queries_matched},
+        "crawl": {"queued": crawl.queued, "success": crawl.success, "success_rate": crawl.success_rate,
+                  "refused": sum(crawl.refused.values()), "images_per_second": crawl.images_per_second},
     }
     if uris["dedup"]:
-        dd = read_json(join(uris["dedup"], "dedup_stats.json"))
-        metrics["dedup"] = {"corpus_images": dd["corpus_images"], "removed": dd["removed"], "kept": dd["kept"],
-                            "unreadable": dd["unreadable"]}
-        metrics["dedup"] |= {f"overlap_pct.{name}": s["overlap_pct"] for name, s in dd["eval_sets"].items()}
+        from dedup.near_dup import DedupStats
+
+        dd = DedupStats.read(uris["dedup"])
+        metrics["dedup"] = {"corpus_images": dd.corpus_images, "removed": dd.removed, "kept": dd.kept,
+                            "unreadable": dd.unreadable}
+        metrics["dedup"] |= {f"overlap_pct.{name}": pct for name, pct in dd.overlap_pct.items()}
     return metrics
 
 

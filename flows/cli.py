@@ -106,7 +106,7 @@ STAGES = [  # (command, module, add-arguments function, handler or None when the
      "download pairs with img2dataset into WebDataset shards (URL-safe, resumable)"),
     ("dedup", "flows.commands.dedup", "add_dedup_arguments", "run_dedup_command",
      "remove corpus images that near-duplicate eval images (`dedup train-detector OUT` trains the detector)"),
-    ("train", "flows.train", "add_train_arguments", "run_train_command",
+    ("train", "flows.commands.train", "add_train_arguments", "run_train_command",
      "contrastive training on Ray Train (local cluster or RAY_ADDRESS), MLflow-logged"),
     ("evaluate", "flows.commands.evaluate", "add_evaluate_arguments", None,
      "zero-shot, retrieval and linear-probe evaluation of a checkpoint"),

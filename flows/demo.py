@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from flows.common import join, read_json
+from flows.common import join
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,17 +24,24 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def summary_text(result: dict, storage: str, seconds: float) -> str:
-    """Corpus and dedup counts, zero-shot accuracy per eval set, the overlap table, the MLflow UI."""
+    """Corpus and dedup counts, the training, zero-shot accuracy per eval set, the overlap table, the MLflow UI."""
+    from clip_core.crawl import CrawlStats
+    from clip_core.curation.curate import CurationStats
+
     corpus = result["corpus"]
-    cur = read_json(join(corpus["curated"], "curation_stats.json"))["totals"]
-    crawl = read_json(join(corpus["shards"], "crawl_stats.json"))
+    cur, crawl = CurationStats.read(corpus["curated"]), CrawlStats.read(corpus["shards"])
     lines = [f"demo finished in {seconds / 60:.1f} min; outputs under {storage}",
-             f"corpus: {cur['input_rows']} candidates -> {cur['matched']} matched -> {cur['kept']} curated -> "
-             f"{crawl['success']} downloaded ({crawl['success_rate']:.0%})"]
+             f"corpus: {cur.input_rows} candidates -> {cur.matched} matched -> {cur.kept} curated -> "
+             f"{crawl.success} downloaded ({crawl.success_rate:.0%})"]
     if corpus["dedup"]:
-        dd = read_json(join(corpus["dedup"], "dedup_stats.json"))
-        lines.append(f"dedup: {dd['removed']} of {dd['corpus_images']} images near-duplicate an eval image "
+        from dedup.near_dup import DedupStats
+
+        dd = DedupStats.read(corpus["dedup"])
+        lines.append(f"dedup: {dd.removed} of {dd.corpus_images} images near-duplicate an eval image "
                      f"(left out of training)")
+    train = result["train"]  # a flows.train.TrainSummary
+    loss = f", final loss {train.final_loss:.3f}" if train.final_loss is not None else ""
+    lines.append(f"training: {train.steps} steps{loss}; model in {train.model}")
     lines.append("zero-shot / retrieval:")
     for r in result["eval"]:
         m = r["metrics"]

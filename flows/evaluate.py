@@ -2,22 +2,23 @@
 
 Thin: one task runs clip_core.eval.run.evaluate (checkpoint + eval sets -> result JSONs),
 another logs the returned CLIP_benchmark-shaped records to MLflow when a tracking URI or
-run id is given. MLflow metric names cannot hold "@", so `recall@5` is logged as
-`recall_at_5`, under `eval/{dataset}/{task}/`.
+run id is given, through flows.tracking.Tracker (a server that is down only warns). MLflow
+metric names cannot hold "@", so `recall@5` is logged as `recall_at_5`, under
+`eval/{dataset}/{task}/`.
 """
 from __future__ import annotations
 
 import math
 import re
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from clip_core.errors import InputError
 from clip_core.eval.run import evaluate as run_evaluation
-from flows.tracking import local_artifact_location
+from flows.tracking import Tracker
 
 __all__ = ["evaluate", "evaluate_checkpoint", "log_results_to_mlflow", "mlflow_metrics"]
 
@@ -33,37 +34,37 @@ def mlflow_metrics(records: Sequence[dict]) -> dict[str, float]:
     return out
 
 
-def _run_id(client, run_id: str | None, experiment: str) -> tuple[str, bool]:
-    """The run to log into, and whether it was created here."""
-    if run_id:
-        client.get_run(run_id)  # fails early on an unknown id
-        return run_id, False
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(
-        experiment, artifact_location=local_artifact_location(client.tracking_uri))
-    return client.create_run(experiment_id, run_name="evaluate").info.run_id, True
+def _tags(records: Sequence[dict]) -> dict:
+    return {"eval.models": ",".join(sorted({r["model"] for r in records})),
+            "eval.datasets": ",".join(sorted({r["dataset"] for r in records}))}
 
 
 def log_results_to_mlflow(records: Sequence[dict], out_dir: str | Path | None = None, *,
                           tracking_uri: str | None = None, run_id: str | None = None,
-                          experiment: str = "clip-eval") -> str:
-    """Log metrics (+ the result folder as artifacts) into run_id, or a new run; returns the run id."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, RunTag
+                          experiment: str = "clip-eval") -> str | None:
+    """Log metrics (+ the result folder as artifacts) into run_id, or a new run; returns the run id.
 
-    client = MlflowClient(tracking_uri)
-    run_id, created = _run_id(client, run_id, experiment)
-    now = int(time.time() * 1000)
-    metrics = [Metric(k, v, now, 0) for k, v in mlflow_metrics(records).items()]
-    models = sorted({r["model"] for r in records})
-    datasets = sorted({r["dataset"] for r in records})
-    tags = [RunTag("eval.models", ",".join(models)), RunTag("eval.datasets", ",".join(datasets))]
-    client.log_batch(run_id, metrics=metrics, tags=tags)
+    Through flows.tracking.Tracker: a server that is down, or goes down, is warned about and the
+    results stay on disk (None is returned when no run could be opened). A run id the server
+    does not know is bad input.
+    """
+    import mlflow
+
+    uri = tracking_uri or mlflow.get_tracking_uri()  # MLFLOW_TRACKING_URI or MLflow's default store
+    tracker = Tracker(uri, run_id, elsewhere="the results are on disk only")
+    if run_id and tracker.run_exists(run_id) is False:
+        raise InputError("--mlflow-run-id", f"MLflow at {uri} has no run {run_id}",
+                         "give the id of an existing run, or leave it out to log into a new run")
+    if run_id:
+        tracker.set_tags(_tags(records))
+    else:
+        tracker.start(experiment, "evaluate", {}, _tags(records))
+    tracker.log_metrics(mlflow_metrics(records), step=0)
     if out_dir is not None and Path(out_dir).is_dir():
-        client.log_artifacts(run_id, str(out_dir), artifact_path="eval")
-    if created:
-        client.set_terminated(run_id)
-    return run_id
+        tracker.log_artifacts(str(out_dir), "eval")
+    if not run_id:
+        tracker.end()
+    return tracker.run_id
 
 
 @task(name="evaluate-checkpoint", cache_policy=NO_CACHE)
@@ -75,7 +76,7 @@ def evaluate_checkpoint(checkpoint: str, eval_dirs: list[str], tasks: list[str],
 
 @task(name="log-eval-to-mlflow", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def log_to_mlflow(records: list[dict], out_dir: str, tracking_uri: str | None, run_id: str | None,
-                  experiment: str) -> str:
+                  experiment: str) -> str | None:
     """Records in, MLflow run id out."""
     return log_results_to_mlflow(records, out_dir, tracking_uri=tracking_uri, run_id=run_id, experiment=experiment)
 

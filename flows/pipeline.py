@@ -5,12 +5,17 @@ under one MLflow parent run per pipeline run with a child run per stage.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prefect import flow, get_run_logger
 
 from flows.build_corpus import CorpusConfig, build_corpus, web_eval_dirs
-from flows.common import exists, join
+from flows.common import join
 from flows.evaluate import evaluate
 from flows.pipeline_runs import EXPERIMENT, log_stage, start_child, start_parent, tracking_uri
+
+if TYPE_CHECKING:  # flows.train loads Ray: only when the train flow runs
+    from flows.train import TrainSummary
 
 
 @flow(name="train", log_prints=True)
@@ -21,20 +26,22 @@ def train_model(corpus: str, output: str, preset: str = "tiny", steps: int = 300
                 exclude: str | None = None, eval_dirs: list[str] | None = None, mlflow_uri: str | None = None,
                 checkpoint_every: int = 50, max_failures: int = 2, seed: int = 0,
                 mlflow_parent_run_id: str | None = None,
-                experiment: str = "clip") -> dict:
-    """Ray Train contrastive training of `preset` on the corpus shards; returns the summary."""
-    from clip_core.train.config import TrainConfig
-    from flows.train import train
+                experiment: str = "clip") -> TrainSummary:
+    """Ray Train contrastive training of `preset` on the corpus shards; returns the summary.
 
-    cfg = TrainConfig(corpus=corpus, output=output, preset=preset, steps=steps, batch_size=batch_size, lr=lr,
-                      warmup=warmup, workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                      data_workers=data_workers,
-                      precision=precision, eval=eval_dirs or [],
-                      mlflow_uri=mlflow_uri, checkpoint_every=checkpoint_every, max_failures=max_failures,
-                      seed=seed, experiment=experiment,
-                      mlflow_parent_run_id=mlflow_parent_run_id,
-                      exclude=exclude if exclude and exists(exclude) else None)
-    return train(cfg)
+    An `exclude` file is passed on as given: one that does not exist is refused before training
+    starts (training on the samples it should leave out would be a silent mistake).
+    """
+    from clip_core.train.config import TrainConfig
+    from flows.train import RunSettings, train
+
+    config = TrainConfig(corpus=corpus, preset=preset, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
+                         data_workers=data_workers, precision=precision, seed=seed, exclude=exclude,
+                         eval=tuple(eval_dirs or ()))
+    run = RunSettings(output=output, workers=workers, cpus_per_worker=cpus_per_worker,
+                      gpus_per_worker=gpus_per_worker, checkpoint_every=checkpoint_every, max_failures=max_failures,
+                      mlflow_uri=mlflow_uri, experiment=experiment, mlflow_parent_run_id=mlflow_parent_run_id)
+    return train(config, run)
 
 
 @flow(name="overlap-analysis", log_prints=True)

@@ -48,5 +48,5 @@ def log_stage(parent: Tracker | None, stage: str, params: dict, metrics: dict, f
     parent.log_metrics(numbers, step=0)
     for file in files:
         if "://" not in file and Path(file).is_file():
-            child._call("log artifact", child.client.log_artifact, child.run_id, file, stage)
+            child.log_artifact(file, stage)
     child.end()

@@ -5,7 +5,8 @@ and its crawl stats as tags), rank 0 logs per-step metrics and periodic zero-sho
 (Section 3.1) into that run through `MetricsCallback` and `ZeroShotEval`, and the driver
 closes it with the final checkpoint as an artifact and a registered model version.
 Tracking never stops training: a server that is down, or goes down, is warned about, and
-every row is also written to OUT/metrics.jsonl.
+every row is also written to OUT/metrics.jsonl. `Tracker` is the one writer to MLflow in
+flows/ (training, evaluation, the pipeline's parent and stage runs).
 """
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-import fsspec
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from clip_core.crawl import CrawlStats
 from clip_core.train.optim import unwrap as _unwrap
 
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "V100": 125.0, "A10": 125.0}
@@ -62,9 +63,12 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 class Tracker:
-    """An MLflow client that warns instead of raising; a no-op when the server is down."""
+    """An MLflow client that warns instead of raising; a no-op when the server is down.
 
-    def __init__(self, uri: str | None, run_id: str | None = None):
+    `uri` None is offline (nothing logged); `elsewhere` says in the warning where the numbers still go.
+    """
+
+    def __init__(self, uri: str | None, run_id: str | None = None, elsewhere: str = "metrics go to metrics.jsonl only"):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # a dead server must not stall steps
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.uri, self.run_id, self.client = uri, run_id, None
@@ -75,7 +79,7 @@ class Tracker:
 
             self.client = MlflowClient(tracking_uri=uri)
         else:
-            warnings.warn(f"MLflow at {uri} is unreachable; metrics go to metrics.jsonl only")
+            warnings.warn(f"MLflow at {uri} is unreachable; {elsewhere}")
 
     def _call(self, what: str, fn: Callable, *args, **kwargs):
         if self.client is None:
@@ -83,8 +87,30 @@ class Tracker:
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # tracking is best effort: any client or server error is a warning
-            warnings.warn(f"MLflow {what} failed ({type(e).__name__}: {e}); training goes on")
+            warnings.warn(f"MLflow {what} failed ({type(e).__name__}: {e}); going on without it")
             return None
+
+    @property
+    def live(self) -> bool:
+        """Whether there is a run to log into and a server that answered."""
+        return self.client is not None and self.run_id is not None
+
+    def run_exists(self, run_id: str) -> bool | None:
+        """Whether the server knows `run_id`; None when it cannot be asked (offline, down, an error)."""
+        if self.client is None:
+            return None
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_run(run_id)
+            return True
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            warnings.warn(f"MLflow get run failed ({e}); going on without it")
+        except Exception as e:  # a server that went down: as any other call, a warning
+            warnings.warn(f"MLflow get run failed ({type(e).__name__}: {e}); going on without it")
+        return None
 
     def start(self, experiment: str, run_name: str, params: dict, tags: dict) -> str | None:
         """Open a run with params and tags; returns its id (None when MLflow is down)."""
@@ -104,21 +130,32 @@ class Tracker:
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
 
-        if self.run_id:
+        if self.live:
             rows = [Param(k, v) for k, v in params.items()]
             self._call("log params", self.client.log_batch, self.run_id, params=rows)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         from mlflow.entities import Metric
 
-        if self.run_id:
+        if self.live:
             now = int(time.time() * 1000)
             rows = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
             self._call("log metrics", self.client.log_batch, self.run_id, metrics=rows)
 
+    def set_tags(self, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
+        if self.live:
+            rows = [RunTag(k, str(v)) for k, v in tags.items()]
+            self._call("set tags", self.client.log_batch, self.run_id, tags=rows)
+
     def log_artifacts(self, folder: str, artifact_path: str) -> None:
-        if self.run_id:
+        if self.live:
             self._call("log artifacts", self.client.log_artifacts, self.run_id, folder, artifact_path)
+
+    def log_artifact(self, file: str, artifact_path: str) -> None:
+        if self.live:
+            self._call("log artifact", self.client.log_artifact, self.run_id, file, artifact_path)
 
     def register(self, name: str, artifact_path: str):
         """A new version of registered model `name` from this run's artifact."""
@@ -138,7 +175,7 @@ class Tracker:
         return self.client.create_model_version(name, source, self.run_id)
 
     def end(self, status: str = "FINISHED") -> None:
-        if self.run_id:
+        if self.live:
             self._call("end run", self.client.set_terminated, self.run_id, status)
 
     def end_stale(self, experiment: str, run_name: str, tags: dict, status: str = "KILLED") -> list[str]:
@@ -174,10 +211,9 @@ def corpus_tags(corpus: str, n_shards: int) -> dict:
     """Tags naming the corpus and its crawl_stats.json scalars, if the file is there."""
     tags = {"corpus": corpus, "corpus.shards": n_shards}
     try:
-        with fsspec.open(corpus.rstrip("/") + "/crawl_stats.json", "r") as f:
-            stats = json.load(f)
+        stats = CrawlStats.read(corpus).to_dict()  # TypeError: a stats file of another version
         tags.update({f"corpus.{k}": v for k, v in flatten(stats).items() if isinstance(v, (int, float, str))})
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):
         pass
     return tags
 

@@ -8,14 +8,17 @@ checkpoint steps (a barrier); only rank 0 passes the checkpoint. A worker that d
 restarted by Ray (FailureConfig) and continues from `ray.train.get_checkpoint()`; a rerun
 with the same OUT and name continues from the run's last checkpoint.
 
-Every input (corpus, --exclude, --eval, the checkpoint a run would continue) is checked
-before Ray starts. On a cluster that is this machine alone, torch.distributed meets through
-a file and gloo/NCCL bind the loopback interface: nothing listens beyond 127.0.0.1. The
-MLflow run is always closed: FINISHED, FAILED, or KILLED on SIGINT/SIGTERM.
+`train(config, run)` takes the recipe (clip_core.train.TrainConfig: model, data,
+optimisation) and the run's settings (`RunSettings`: OUT, Ray, workers and their resources,
+storage, checkpoints, resume, MLflow) and returns a `TrainSummary`; both cross to the workers
+as plain dicts. Every input (corpus, --exclude, --eval, the checkpoint a run would continue)
+is checked before Ray starts. On a cluster that is this machine alone, torch.distributed
+meets through a file and gloo/NCCL bind the loopback interface: nothing listens beyond
+127.0.0.1. The MLflow run is always closed: FINISHED, FAILED, or KILLED on SIGINT/SIGTERM.
+The command line (`clip-pipeline train`, `python -m flows.commands.train`) is flows/commands/train.py.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import dataclasses
@@ -26,7 +29,6 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -42,14 +44,15 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
 
 from clip_core.config import load_preset
-from clip_core.errors import BAD_INPUT_ERRORS, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, InputError
+from clip_core.errors import InputError
 from clip_core.model import create_model
-from clip_core.train import TrainConfig, build_training, restore_training
-from clip_core.train.config import add_train_arguments, config_from_args
+from clip_core.train import DataStats, TrainConfig, build_training, restore_training
 from clip_core.train.checkpoint import save_train_state
 from clip_core.train.checks import RESUME_FIX, check_checkpoint_matches, check_training_inputs
+from clip_core.train.config import absolute
 from clip_core.train.loop import NonFiniteLossError
 from clip_core.train.optim import unwrap
+from clip_core.weights import export_model
 from flows.common import loopback_ray
 from flows.tracking import (MetricsCallback, Tracker, ZeroShotEval, corpus_tags, default_tracking_uri,
                             flops_per_sample, git_commit, peak_flops)
@@ -57,6 +60,73 @@ from flows.tracking import (MetricsCallback, Tracker, ZeroShotEval, corpus_tags,
 
 class TrainingError(RuntimeError):
     """Training stopped (non-finite loss, worker failures); the message names the last checkpoint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """Where and how a training runs: OUT, Ray and the workers' resources, checkpoints, resume, MLflow."""
+
+    output: str = ""  # OUT: model/, metrics.jsonl, mlflow.db, ray/
+    name: str = "clip-train"  # the run's folder under the storage path, and its MLflow name
+    ray_address: str | None = None  # default RAY_ADDRESS, else a local cluster on 127.0.0.1
+    workers: int = 1  # Ray Train workers (data-parallel ranks)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    storage_path: str | None = None  # Ray's checkpoints; default OUT/ray
+    checkpoint_every: int = 500
+    num_to_keep: int = 3  # checkpoints Ray keeps
+    max_failures: int = 0  # worker failures Ray recovers from
+    resume: str = "auto"  # auto: continue this run's checkpoints; never: fresh; else a checkpoint folder
+    mlflow_uri: str | None = None  # default MLFLOW_TRACKING_URI or sqlite:///OUT/mlflow.db
+    experiment: str = "clip"
+    mlflow_parent_run_id: str | None = None  # nest the run under a pipeline run
+    log_every: int = 10  # steps between MLflow rows (metrics.jsonl has every step)
+    peak_tflops: float | None = None  # per device, for MFU
+
+    def __post_init__(self):
+        for name in ("output", "storage_path"):  # Ray workers run in another folder: local paths absolute
+            object.__setattr__(self, name, absolute(getattr(self, name)))
+        if self.resume_from:
+            object.__setattr__(self, "resume", absolute(self.resume))
+        for name in ("workers", "checkpoint_every", "num_to_keep", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def resume_from(self) -> str | None:
+        """The checkpoint folder --resume names; None for auto and never."""
+        return None if self.resume in ("auto", "never") else self.resume
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunSettings:
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSummary:
+    """What a finished training returns: the exported model, the last checkpoint, the MLflow run, the last steps."""
+
+    steps: int
+    model: str  # OUT/model: model.safetensors + config.json
+    checkpoint: str  # the last checkpoint folder (with train_state.pt)
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+    history: list[dict] = dataclasses.field(default_factory=list)  # rank 0's {step, loss, grad_norm}
+    data: DataStats = dataclasses.field(default_factory=DataStats)  # rank 0's samples: good, skipped, excluded
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.history[-1]["loss"] if self.history else None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 # ----- on every worker -----
@@ -108,20 +178,20 @@ def _gather(obj) -> list:
     return out
 
 
-def _rank0_callbacks(cfg: TrainConfig, config: dict, world: int, loader, device) -> list:
+def _rank0_callbacks(cfg: TrainConfig, run: RunSettings, config: dict, world: int, loader, device) -> list:
     with torch.device("meta"):
         meta = create_model(cfg.preset, **({"vision_cfg": {"image_size": cfg.image_size}} if cfg.image_size else {}))
     tracker = Tracker(config["tracking_uri"] if config["run_id"] else None, config["run_id"])
 
     def extras(t) -> dict:
         data = loader.stats()
-        return {"logit_scale": unwrap(t.model).logit_scale.exp().item(), "data_skipped": data["skipped"],
-                "data_truncated": data["skip_reasons"]["truncated"], "data_excluded": data["excluded"],
-                "data_epoch": data["epoch"]}
+        return {"logit_scale": unwrap(t.model).logit_scale.exp().item(), "data_skipped": data.skipped,
+                "data_truncated": data.skip_reasons["truncated"], "data_excluded": data.excluded,
+                "data_epoch": data.epoch}
 
-    metrics = MetricsCallback(tracker, Path(cfg.output) / "metrics.jsonl", cfg.log_every, world,
+    metrics = MetricsCallback(tracker, Path(run.output) / "metrics.jsonl", run.log_every, world,
                               flops_per_sample(meta, meta.config.vision.image_size, meta.config.text.context_length),
-                              peak_flops(cfg.peak_tflops, device), extras)
+                              peak_flops(run.peak_tflops, device), extras)
     return [metrics] + ([ZeroShotEval(cfg.eval, cfg.eval_every, metrics, device)] if cfg.eval else [])
 
 
@@ -131,7 +201,8 @@ def train_func(config: dict) -> dict:
     # ========================================
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cfg, device = TrainConfig.from_dict(config["train"]), ray.train.torch.get_device()
+    cfg, run = TrainConfig.from_dict(config["train"]), RunSettings.from_dict(config["run"])
+    device = ray.train.torch.get_device()
 
     # [2] Model in DDP, AdamW, schedule, distributed loss, this rank's shard stream
     # ============================================================================
@@ -141,17 +212,18 @@ def train_func(config: dict) -> dict:
     # [3] Resume: Ray's latest checkpoint (a restarted worker, a rerun), else --resume PATH
     # ====================================================================================
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and config.get("resume_from"):
-        checkpoint = ray.train.Checkpoint(config["resume_from"])
+    if checkpoint is None and run.resume_from:
+        checkpoint = ray.train.Checkpoint(run.resume_from)
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             loader = restore_training(folder, trainer, loader)
 
     # [4] Callbacks: reports and checkpoints on every rank; metrics and eval on rank 0
     # ===============================================================================
-    history, reporter = History(), RayReport(cfg.checkpoint_every, rank, loader, {"train_config": cfg.to_dict()})
+    options = {**cfg.to_dict(), **run.to_dict()}  # saved in train_state.pt: every option of the run
+    history, reporter = History(), RayReport(run.checkpoint_every, rank, loader, {"train_config": options})
     reporter.last = trainer.step if checkpoint is not None else -1
-    rank0 = _rank0_callbacks(cfg, config, world, loader, device) if rank == 0 else []
+    rank0 = _rank0_callbacks(cfg, run, config, world, loader, device) if rank == 0 else []
     trainer.callbacks = [history, reporter, *rank0, *config.get("callbacks", [])]
 
     # [5] Train; a non-finite loss (the same on every rank) ends cleanly, keeping the last checkpoint
@@ -161,7 +233,7 @@ def train_func(config: dict) -> dict:
     except NonFiniteLossError as e:
         ray.train.report({"step": trainer.step, "nonfinite": 1.0})
         return {"error": str(e), "step": trainer.step, "history": list(history.rows)}
-    return {"step": trainer.step, "history": list(history.rows), "data": loader.stats()}
+    return {"step": trainer.step, "history": list(history.rows), "data": loader.stats().to_dict()}
 
 
 # ----- torch.distributed on loopback (a local run) -----
@@ -235,9 +307,9 @@ def _check_ray_address(address: str) -> None:
         raise ConnectionError(f"cannot reach the Ray cluster at {address}: {e}") from e
 
 
-def connect_ray(cfg: TrainConfig) -> None:
+def connect_ray(run: RunSettings) -> None:
     """ray.init on --ray-address / RAY_ADDRESS, else a local cluster on 127.0.0.1 in a temp dir we own."""
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    address = run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         _check_ray_address(address)
     if ray.is_initialized():
@@ -246,35 +318,30 @@ def connect_ray(cfg: TrainConfig) -> None:
         ray.init(address=address)
         return
     # logical CPUs: enough for every worker plus Ray's own actors (one CPU would time out)
-    cpus = max(os.cpu_count() or 1, math.ceil(cfg.workers * cfg.cpus_per_worker) + 1, 2)
+    cpus = max(os.cpu_count() or 1, math.ceil(run.workers * run.cpus_per_worker) + 1, 2)
     with loopback_ray():
         ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray"))
 
 
-def _absolute(path: str) -> str:
-    """Local paths made absolute; URIs (s3://, gs://, ...) unchanged."""
-    return path if "://" in path else str(Path(path).resolve())
+def _run_config(run: RunSettings) -> RunConfig:
+    name = run.name if run.resume != "never" else f"{run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return RunConfig(name=name, storage_path=run.storage_path,
+                     checkpoint_config=CheckpointConfig(num_to_keep=run.num_to_keep),
+                     failure_config=FailureConfig(max_failures=run.max_failures))
 
 
-def _run_config(cfg: TrainConfig) -> RunConfig:
-    name = cfg.name if cfg.resume != "never" else f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return RunConfig(name=name, storage_path=cfg.storage_path,
-                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
-                     failure_config=FailureConfig(max_failures=cfg.max_failures))
-
-
-def _open_run(cfg: TrainConfig, urls: list[str]) -> tuple[Tracker, str | None]:
+def _open_run(cfg: TrainConfig, run: RunSettings, urls: list[str]) -> tuple[Tracker, str | None]:
     """Open the MLflow run; a resumed run first ends the RUNNING run its killed predecessor left."""
-    tracker = Tracker(cfg.mlflow_uri or default_tracking_uri(cfg.output))
+    tracker = Tracker(run.mlflow_uri or default_tracking_uri(run.output))
     tags = {"git_commit": git_commit(str(Path(__file__).resolve().parent)), **corpus_tags(cfg.corpus, len(urls)),
-            "output": cfg.output}
-    if cfg.mlflow_parent_run_id:  # a stage of a pipeline run (flows/pipeline.py)
-        tags |= {"mlflow.parentRunId": cfg.mlflow_parent_run_id, "stage": "train"}
-    if cfg.resume != "never":
-        ended = tracker.end_stale(cfg.experiment, cfg.name, {"output": cfg.output})
+            "output": run.output}
+    if run.mlflow_parent_run_id:  # a stage of a pipeline run (flows/pipeline.py)
+        tags |= {"mlflow.parentRunId": run.mlflow_parent_run_id, "stage": "train"}
+    if run.resume != "never":
+        ended = tracker.end_stale(run.experiment, run.name, {"output": run.output})
         tags |= {"continues_runs": ",".join(ended)} if ended else {}
-    params = {**cfg.to_dict(), "preset_config": load_preset(cfg.preset).to_dict()}
-    return tracker, tracker.start(cfg.experiment, cfg.name, params, tags)
+    params = {**cfg.to_dict(), **run.to_dict(), "preset_config": load_preset(cfg.preset).to_dict()}
+    return tracker, tracker.start(run.experiment, run.name, params, tags)
 
 
 @contextlib.contextmanager
@@ -303,51 +370,37 @@ def _closing(tracker: Tracker):
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-def _export(result, output: Path, tracker: Tracker, cfg: TrainConfig) -> Path:
-    """Copy the final model (safetensors + config.json) to OUT/model; log and register it.
-
-    Built beside OUT/model and swapped in, so a failed export leaves the previous model whole.
-    """
-    model_dir, tmp = output / "model", Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=output))
-    try:
-        with result.checkpoint.as_directory() as folder:
-            for name in ("model.safetensors", "config.json"):
-                shutil.copy2(Path(folder) / name, tmp / name)
-        old = output / f".model.old-{os.getpid()}"
-        if model_dir.exists():
-            os.replace(model_dir, old)
-        os.replace(tmp, model_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _export(result, run: RunSettings, tracker: Tracker, preset: str) -> Path:
+    """The final model (safetensors + config.json) to OUT/model, whole or not at all; logged and registered."""
+    with result.checkpoint.as_directory() as folder:
+        model_dir = export_model(folder, Path(run.output) / "model")
     tracker.log_artifacts(str(model_dir), "model")
-    tracker.register(f"clip-{cfg.preset}", "model")
+    tracker.register(f"clip-{preset}", "model")
     return model_dir
 
 
-def _checked(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
-    """The config with absolute local paths (Ray Train workers run in the run's folder) and the shards.
+def _checked(cfg: TrainConfig, run: RunSettings) -> tuple[RunSettings, list[str]]:
+    """The run's settings with OUT and the storage path resolved, and the corpus's shards.
 
     Every input is checked here, before Ray, MLflow or OUT are touched: InputError names the fix.
     """
-    output = Path(cfg.output).resolve()
+    output = Path(run.output).resolve()
     if output.exists() and not output.is_dir():
         raise InputError(str(output), "OUT is a file, not a folder", "give a folder for the training's outputs")
-    resume = cfg.resume if cfg.resume in ("auto", "never") else _absolute(cfg.resume)
-    cfg = dataclasses.replace(cfg, output=str(output), eval=[_absolute(p) for p in cfg.eval], resume=resume,
-                              storage_path=_absolute(cfg.storage_path or str(output / "ray")))
-    urls = check_training_inputs(cfg)
-    _check_ray_checkpoint(cfg)
+    cfg.check_workers(run.workers)
+    run = dataclasses.replace(run, output=str(output), storage_path=run.storage_path or str(output / "ray"))
+    urls = check_training_inputs(cfg, run.resume_from)
+    _check_ray_checkpoint(cfg, run)
     output.mkdir(parents=True, exist_ok=True)
-    return cfg, urls
+    return run, urls
 
 
-def _ray_checkpoint(cfg: TrainConfig) -> Path | None:
+def _ray_checkpoint(run: RunSettings) -> Path | None:
     """The checkpoint Ray Train restores for this run name: its snapshot's latest (local storage only)."""
-    if cfg.resume == "never" or "://" in cfg.storage_path:
+    if run.resume == "never" or "://" in run.storage_path:
         return None
-    run = Path(cfg.storage_path) / cfg.name
-    snapshot = run / "checkpoint_manager_snapshot.json"
+    folder = Path(run.storage_path) / run.name
+    snapshot = folder / "checkpoint_manager_snapshot.json"
     try:
         latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
     except FileNotFoundError:
@@ -355,89 +408,56 @@ def _ray_checkpoint(cfg: TrainConfig) -> Path | None:
     except (ValueError, AttributeError) as e:
         raise InputError(str(snapshot), f"not Ray's JSON record of a run ({e})", RESUME_FIX) from None
     name = latest.get("checkpoint_dir_name") if isinstance(latest, dict) else None
-    return run / name if isinstance(name, str) else None  # another layout (a newer Ray): Ray checks it itself
+    return folder / name if isinstance(name, str) else None  # another layout (a newer Ray): Ray checks it itself
 
 
-def _check_ray_checkpoint(cfg: TrainConfig) -> None:
+def _check_ray_checkpoint(cfg: TrainConfig, run: RunSettings) -> None:
     """The checkpoint Ray would resume from exists, is whole and is of the configured model."""
-    folder = _ray_checkpoint(cfg)
+    folder = _ray_checkpoint(run)
     if folder is None:
         return
     if not folder.is_dir():
-        raise InputError(str(folder), f"Ray's record of run {cfg.name!r} names this checkpoint, and it is gone",
+        raise InputError(str(folder), f"Ray's record of run {run.name!r} names this checkpoint, and it is gone",
                          "start afresh with --resume never or a new OUT")
     check_checkpoint_matches(folder, cfg)
 
 
-def _torch_trainer(cfg: TrainConfig, loop_config: dict) -> TorchTrainer:
+def _torch_trainer(run: RunSettings, loop_config: dict) -> TorchTrainer:
     """Workers (gloo on CPU, nccl on GPU) with their resources, storage, checkpoints, failures."""
-    use_gpu = cfg.gpus_per_worker > 0
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
+    use_gpu = run.gpus_per_worker > 0
+    resources = {"CPU": run.cpus_per_worker, **({"GPU": run.gpus_per_worker} if use_gpu else {})}
     torch_config = (LoopbackTorchConfig if local_cluster() else TorchConfig)(backend="nccl" if use_gpu else "gloo")
     return TorchTrainer(train_func, train_loop_config=loop_config, torch_config=torch_config,
-                        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
+                        scaling_config=ScalingConfig(num_workers=run.workers, use_gpu=use_gpu,
                                                      resources_per_worker=resources),
-                        run_config=_run_config(cfg))
+                        run_config=_run_config(run))
 
 
-def train(cfg: TrainConfig, callbacks: list | None = None) -> dict:
-    """Run CLIP training on Ray; returns a summary. Raises InputError (before anything starts), TrainingError,
-    ConnectionError."""
+def train(config: TrainConfig, run: RunSettings, callbacks: list | None = None) -> TrainSummary:
+    """Train the recipe `config` on Ray as `run` says; raises InputError (before anything starts),
+    TrainingError, ConnectionError."""
     # [1] Check the inputs before starting anything
-    cfg, urls = _checked(cfg)
+    run, urls = _checked(config, run)
     # [2] Connect to Ray, then open the MLflow run: options, preset, commit, corpus
-    connect_ray(cfg)
-    tracker, run_id = _open_run(cfg, urls)
+    connect_ray(run)
+    tracker, run_id = _open_run(config, run, urls)
     with _closing(tracker):
         # [3] The TorchTrainer; configs cross to the workers as plain dicts
-        resume_from = None if cfg.resume in ("auto", "never") else cfg.resume
-        trainer = _torch_trainer(cfg, {"train": cfg.to_dict(), "urls": urls, "run_id": run_id,
-                                       "tracking_uri": tracker.uri, "resume_from": resume_from,
+        trainer = _torch_trainer(run, {"train": config.to_dict(), "run": run.to_dict(), "urls": urls,
+                                       "run_id": run_id, "tracking_uri": tracker.uri,
                                        "callbacks": list(callbacks or [])})
         # [4] Train; failures come back with the last checkpoint named
         try:
             result = trainer.fit()
         except ray.train.TrainingFailedError as e:
-            raise TrainingError(f"training failed: {e}; checkpoints stay under {cfg.storage_path}") from e
+            raise TrainingError(f"training failed: {e}; checkpoints stay under {run.storage_path}") from e
         value = result.return_value or {}
         if "error" in value:
             where = result.checkpoint.path if result.checkpoint else "none was written"
             raise TrainingError(f"{value['error']}; training stopped, last good checkpoint: {where}")
         # [5] The final model to OUT/model, MLflow artifact and registry
-        model_dir = _export(result, Path(cfg.output), tracker, cfg)
+        model_dir = _export(result, run, tracker, config.preset)
     tracker.end("FINISHED")
-    return {"steps": value.get("step"), "model": str(model_dir), "checkpoint": result.checkpoint.path,
-            "mlflow_run_id": run_id, "tracking_uri": tracker.uri, "history": value.get("history", []),
-            "data": value.get("data", {})}
-
-
-def run_train_command(args: argparse.Namespace) -> int:
-    """`clip-pipeline train`: run Ray Train and print where the model went; 0 done, 1 failed, 2 bad input."""
-    try:
-        config = config_from_args(args)
-        config.total_steps
-    except BAD_INPUT_ERRORS as e:
-        print(f"clip-pipeline train: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
-        summary = train(config)
-    except InputError as e:  # found by the checks train() makes before Ray starts
-        print(f"clip-pipeline train: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except (TrainingError, ConnectionError, ValueError, OSError) as e:  # the run started, then failed
-        print(f"clip-pipeline train: error: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    history = summary.pop("history", [])
-    summary["final_loss"] = history[-1]["loss"] if history else None
-    print(json.dumps(summary, indent=2, default=str))
-    return EXIT_OK
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m flows.train CORPUS OUT [options]`: what `clip-pipeline train` and Ray Jobs run."""
-    parser = argparse.ArgumentParser(prog="python -m flows.train", description="CLIP contrastive training on Ray Train")
-    return run_train_command(add_train_arguments(parser).parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return TrainSummary(steps=value.get("step"), model=str(model_dir), checkpoint=result.checkpoint.path,
+                        mlflow_run_id=run_id, tracking_uri=tracker.uri, history=value.get("history", []),
+                        data=DataStats(**value.get("data", {})))

@@ -36,10 +36,10 @@ if [[ -n "${RAY_ADDRESS:-}" ]]; then
     # shellcheck disable=SC2086
     exec "$RAY_CLI" job submit --address "$RAY_ADDRESS" --working-dir . \
         --runtime-env-json '{"excludes": [".venv", ".git", "*.tar", "runs", "out", "data", "mlruns", "*.db"]}' \
-        -- python -m flows.train "$CORPUS" "$OUT" --ray-address auto $TRAIN_ARGS
+        -- python -m flows.commands.train "$CORPUS" "$OUT" --ray-address auto $TRAIN_ARGS
 fi
 
 echo "RAY_ADDRESS is unset: training on a local Ray head"
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
 # shellcheck disable=SC2086
-exec "$PY" -m flows.train "$CORPUS" "$OUT" --cpus-per-worker 0.5 $TRAIN_ARGS
+exec "$PY" -m flows.commands.train "$CORPUS" "$OUT" --cpus-per-worker 0.5 $TRAIN_ARGS

@@ -1,4 +1,7 @@
-"""build-corpus re-runs are cheap: a stage whose marker exists is not redone."""
+"""build-corpus re-runs are cheap: a stage whose marker exists is not redone; its report reads
+the stages' typed stats back."""
+import json
+
 import pytest
 
 import clip_core.crawl
@@ -36,24 +39,44 @@ def test_a_missing_marker_runs_the_stage(finished):
         crawl_pairs.fn(CorpusConfig(storage=str(finished)), str(finished / "curated"), str(finished / "shards"), None)
 
 
-def test_corpus_metrics_have_fixed_names(tmp_path):
-    import json
+def _write_stats(tmp_path) -> dict:
+    """The three stats files as the stages write them (their to_dict), a stage's folder each."""
+    from clip_core.crawl import CrawlStats
+    from clip_core.curation.curate import CurationStats
+    from dedup.near_dup import DedupStats, EvalSetStats
 
-    (tmp_path / "curated").mkdir()
-    (tmp_path / "shards").mkdir()
-    (tmp_path / "curated" / "curation_stats.json").write_text(json.dumps(
-        {"t": 500, "totals": {"input_rows": 10, "matched": 8, "kept": 6}, "queries": {"matched": 3}}))
-    (tmp_path / "shards" / "crawl_stats.json").write_text(json.dumps(
-        {"queued": 6, "success": 5, "success_rate": 5 / 6, "refused": {"private": 1}, "images_per_second": 2.0}))
-    uris = {"curated": str(tmp_path / "curated"), "shards": str(tmp_path / "shards"), "dedup": None}
-    metrics = corpus_metrics(uris)
+    curation = CurationStats(
+        t=500, seed=0, case_sensitive=True, max_chars=4096, max_per_query=500, target_size=None,
+        queries_uri="q.parquet", n_queries=9, rejected={"empty": 0, "duplicate": 0, "unmatchable": 0},
+        queries_matched=3, head_queries=1, input_rows=10, matched=8, kept=6, expected_kept=6.2, sample_rate=0.0,
+        estimated_kept=None, skipped={"null_caption": 1, "empty_caption": 0, "no_match": 1, "not_sampled": 2},
+        repaired={"invalid_utf8": 0, "truncated": 0}, parts=["part-00000.parquet"])
+    crawl = CrawlStats(queued=6, success=5, success_rate=5 / 6, refused={"private": 1}, images_per_second=2.0)
+    shapes = EvalSetStats(root="eval/shapes", split="test", n=8, eval_unreadable=[], matches=2,
+                          matched_corpus_images=2, overlap=2, overlap_pct=25.0, thresholds={"phash": 0.9},
+                          calibration={"manual": True})
+    dd = DedupStats(corpus="shards", descriptor="phash", descriptors=["phash"], precision_target=0.99,
+                    splits=["test"], k=1, seed=0, corpus_shards=1, corpus_images=5, unreadable=1,
+                    dropped={"no_image": 1, "undecodable": 0, "truncated": 0, "corrupt": 0}, damaged_shards=[],
+                    unreadable_samples=[{"key": "x", "error": "sample has no image"}], removed=2, kept=2,
+                    eval_sets={"shapes": shapes})
+    for folder, name, stats in (("curated", "curation_stats.json", curation), ("shards", "crawl_stats.json", crawl),
+                                ("dedup", "dedup_stats.json", dd)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).write_text(json.dumps(stats.to_dict(), indent=2))
+    return {"curated": str(tmp_path / "curated"), "shards": str(tmp_path / "shards"), "dedup": str(tmp_path / "dedup")}
+
+
+def test_corpus_metrics_have_fixed_names(tmp_path):
+    uris = _write_stats(tmp_path)
+    metrics = corpus_metrics({**uris, "dedup": None})
     assert metrics["curate"] == {"candidates": 10, "matched": 8, "kept": 6, "t": 500, "queries_matched": 3}
-    assert metrics["crawl"]["refused"] == 1 and metrics["crawl"]["success"] == 5
+    assert metrics["crawl"]["refused"] == 1 and metrics["crawl"]["success"] == 5 and "dedup" not in metrics
+    assert corpus_metrics(uris)["dedup"] == {"corpus_images": 5, "removed": 2, "kept": 2, "unreadable": 1,
+                                             "overlap_pct.shapes": 25.0}
 
 
 def test_a_crawl_that_left_incomplete_shards_is_resumed(finished):
-    import json
-
     (finished / "shards" / "crawl_stats.json").write_text(json.dumps({"incomplete_shards": 2}))
     with pytest.raises(AssertionError, match="ran again"):
         crawl_pairs.fn(CorpusConfig(storage=str(finished)), str(finished / "curated"), str(finished / "shards"), None)

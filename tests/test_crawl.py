@@ -270,6 +270,7 @@ def test_crawl_end_to_end_stats_and_rerun(tmp_path, web, outside):
     assert stats.success_rate == pytest.approx(9 / 13)
     assert (stats.shards, stats.incomplete_shards, stats.fetched_this_run) == (3, 0, 13)
     assert json.loads((out / "crawl_stats.json").read_text()) == stats.to_dict()
+    assert CrawlStats.read(str(out)) == stats  # what a flow that skips a finished crawl gets
     assert pq.read_table(out / "refused.parquet").column("reason").to_pylist() == ["loopback"] * 2 + ["scheme"]
 
     samples = read_tars(out)

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clip_core.curation.curate import curate, plan_shards
+from clip_core.curation.curate import CurationStats, curate, plan_shards
 from clip_core.executors import LocalExecutor
 from test_crawl import moto_s3  # noqa: F401  (fixture: one S3 server per test)
 from flows.commands.corpus import add_curate_arguments, run_curate_command
@@ -40,6 +40,11 @@ def _write_queries(path, queries=QUERIES):
     return str(path)
 
 
+def _totals(stats):
+    """The pair counts of a run (what two runs of one input must agree on)."""
+    return stats.input_rows, stats.matched, stats.kept, stats.expected_kept, stats.estimated_kept
+
+
 def _read_parts(out):
     parts = sorted(glob.glob(f"{out}/part-*.parquet"))
     table = pa.concat_tables([pq.read_table(p) for p in parts])
@@ -54,14 +59,14 @@ def setup(tmp_path):
 def test_stats_by_construction(setup):
     pairs, queries, tmp = setup
     stats = curate(pairs, queries, str(tmp / "out"), max_per_query=20, executor=LocalExecutor(1), shard_rows=40)
-    totals, skipped = stats["totals"], stats["skipped"]
-    assert totals["input_rows"] == 107 and totals["matched"] == 90
-    assert skipped == {"null_caption": 5, "empty_caption": 5, "no_match": 7, "not_sampled": 90 - totals["kept"]}
-    assert sum(skipped.values()) + totals["kept"] == 107
-    assert totals["expected_kept"] == pytest.approx(50 * 20 / 60 + 30 * 20 / 30 + 10)
-    assert stats["queries"] == {"uri": queries, "n": 6, "rejected": {"empty": 1, "duplicate": 1, "unmatchable": 0}, "matched": 3, "head": 2}
+    assert stats.input_rows == 107 and stats.matched == 90 and stats.t == 20
+    assert stats.skipped == {"null_caption": 5, "empty_caption": 5, "no_match": 7, "not_sampled": 90 - stats.kept}
+    assert sum(stats.skipped.values()) + stats.kept == 107
+    assert stats.expected_kept == pytest.approx(50 * 20 / 60 + 30 * 20 / 30 + 10)
+    assert (stats.queries_uri, stats.n_queries, stats.queries_matched, stats.head_queries) == (queries, 6, 3, 2)
+    assert stats.rejected == {"empty": 1, "duplicate": 1, "unmatchable": 0}
     rows = _read_parts(tmp / "out")
-    assert len(rows) == totals["kept"] == json.loads((tmp / "out" / "curation_stats.json").read_text())["totals"]["kept"]
+    assert len(rows) == stats.kept == json.loads((tmp / "out" / "curation_stats.json").read_text())["totals"]["kept"]
     assert all(r["query_ids"] == ([0, 2] if r["caption"] == "hot dog stand" else [0] if "dog" in r["caption"] else [1]) for r in rows)
     assert sum(r["caption"] == "hot dog stand" for r in rows) == 10  # a tail query keeps everything
     per_query = pq.read_table(tmp / "out" / "_query_stats.parquet").to_pylist()
@@ -69,10 +74,25 @@ def test_stats_by_construction(setup):
     assert per_query[2]["kept"] == 10 and per_query[0]["kept"] == sum("dog" in r["caption"] for r in rows)
     assert (tmp / "out" / "curation_counts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in (tmp / "out").iterdir() if p.name.startswith("_curate")]  # no staging or work left
-    assert len(stats["parts"]) == stats["shards"] == 3
+    assert len(stats.parts) == stats.shards == 3
     assert set(rows[0]) == {"url", "caption", "source", "uid", "query_ids"}
     pair_files = sorted(p.name for p in (tmp / "out").glob("*.parquet") if not p.name.startswith("_"))
-    assert pair_files == stats["parts"]  # a *.parquet glob of OUT sees the pairs only
+    assert pair_files == stats.parts  # a *.parquet glob of OUT sees the pairs only
+
+
+def test_stats_read_back_equal_what_curate_returned(setup):
+    """A flow that skips a finished curate reads the same typed stats; the file keeps its format."""
+    pairs, queries, tmp = setup
+    for out, options in (("plain", {"max_per_query": 20}), ("target", {"target_size": 40})):
+        stats = curate(pairs, queries, str(tmp / out), executor=LocalExecutor(1), shard_rows=40, **options)
+        saved = json.loads((tmp / out / "curation_stats.json").read_text())
+        assert CurationStats.read(str(tmp / out)) == stats and stats.to_dict() == saved
+        assert json.dumps(stats.to_dict(), indent=2) == (tmp / out / "curation_stats.json").read_text()
+        assert list(saved) == ["t", "seed", "case_sensitive", "max_chars", "max_per_query", "target_size", "queries",
+                               "totals", "skipped", "repaired", "shards", "parts", "files", "top_queries"]
+        assert list(saved["totals"]) == ["input_rows", "matched", "kept", "expected_kept", "sample_rate",
+                                         "estimated_kept"]
+    assert [q["query"] for q in stats.top_queries] == ["dog", "cat", "hot dog"]
 
 
 def test_same_rows_for_any_sharding_and_worker_count(tmp_path):
@@ -85,7 +105,7 @@ def test_same_rows_for_any_sharding_and_worker_count(tmp_path):
         outputs.append(_read_parts(tmp_path / f"out{n_files}"))
     assert outputs[0] == outputs[1] == outputs[2]
     other = curate(str(tmp_path / "pairs1"), queries, str(tmp_path / "seed6"), max_per_query=20, seed=6, executor=LocalExecutor(1))
-    assert _read_parts(tmp_path / "seed6") != outputs[0] and other["totals"]["matched"] == 90
+    assert _read_parts(tmp_path / "seed6") != outputs[0] and other.matched == 90
 
 
 def test_without_uid_the_draw_is_keyed_by_url_and_caption(tmp_path):
@@ -101,11 +121,11 @@ def test_without_uid_the_draw_is_keyed_by_url_and_caption(tmp_path):
 def test_target_size_solves_t(setup):
     pairs, queries, tmp = setup
     stats = curate(pairs, queries, str(tmp / "out"), target_size=40, executor=LocalExecutor(1))
-    t = stats["t"]
-    assert stats["totals"]["estimated_kept"] == pytest.approx(stats["totals"]["expected_kept"])  # rate 1: exact
-    assert stats["totals"]["expected_kept"] <= 40
+    t = stats.t
+    assert stats.estimated_kept == pytest.approx(stats.expected_kept)  # rate 1: exact
+    assert stats.expected_kept <= 40 and stats.target_size == 40
     bigger = curate(pairs, queries, str(tmp / "out2"), max_per_query=t + 1, executor=LocalExecutor(1))
-    assert bigger["totals"]["expected_kept"] > 40
+    assert bigger.expected_kept > 40 and bigger.estimated_kept is None
 
 
 def test_case_insensitive_and_repaired_captions(tmp_path):
@@ -113,11 +133,11 @@ def test_case_insensitive_and_repaired_captions(tmp_path):
     pairs = _write_pairs(tmp_path / "p", captions=captions)
     queries = _write_queries(tmp_path / "q.parquet", ["dog", "cat"])
     stats = curate(pairs, queries, str(tmp_path / "o"), case_sensitive=False, executor=LocalExecutor(1))
-    assert stats["totals"]["matched"] == 4 and stats["repaired"]["truncated"] == 1
+    assert stats.matched == 4 and stats.repaired["truncated"] == 1
     binary = pa.table({"caption": pa.array([b"dog \xff", b"cat"], pa.binary())})
     pq.write_table(binary, tmp_path / "bin.parquet")
     stats = curate(str(tmp_path / "bin.parquet"), queries, str(tmp_path / "o2"), executor=LocalExecutor(1))
-    assert stats["repaired"]["invalid_utf8"] == 1 and stats["totals"]["kept"] == 2
+    assert stats.repaired["invalid_utf8"] == 1 and stats.kept == 2
 
 
 def test_bad_input_errors(tmp_path):
@@ -164,7 +184,7 @@ def test_ray_executor_gives_the_local_result(setup):
             remote = curate(pairs, queries, str(tmp / "ray_out"), max_per_query=20, executor=executor, shard_rows=30)
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)
-    assert remote["totals"] == local["totals"]
+    assert _totals(remote) == _totals(local)
     assert _read_parts(tmp / "ray_out") == _read_parts(tmp / "local")
 
 
@@ -194,7 +214,7 @@ def test_failed_rerun_leaves_the_previous_result_whole(setup):
     with pytest.raises(InputError, match="--target-size: 1 is below"):  # known only after pass 1
         curate(pairs, queries, str(out), target_size=1, executor=LocalExecutor(1))
     assert _snapshot(out) == before  # parts, stats and report as the first run left them; no staging left
-    assert json.loads((out / "curation_stats.json").read_text())["totals"]["kept"] == first["totals"]["kept"]
+    assert CurationStats.read(str(out)) == first
 
 
 def test_rerun_replaces_only_what_curate_wrote(setup):
@@ -209,12 +229,12 @@ def test_rerun_replaces_only_what_curate_wrote(setup):
     pq.write_table(pa.table({"caption": ["a dog"] * 99}), out / "_curate_staging-0badc0ffee" / "part-00000.parquet")
     stats = curate(pairs, queries, str(out), executor=LocalExecutor(1))
     left = _snapshot(out)
-    assert sorted(n for n in left if n.startswith("part-0")) == stats["parts"] == ["part-00000.parquet"]
+    assert sorted(n for n in left if n.startswith("part-0")) == stats.parts == ["part-00000.parquet"]
     assert {n: left[n] for n in mine} == mine and not any(n.startswith("_curate_staging") for n in left)
     for name in mine:  # not pairs: they would be read as such below
         (out / name).unlink()
     again = curate(str(out), queries, str(out), executor=LocalExecutor(1))  # curated pairs, curated again
-    assert again["totals"]["input_rows"] == stats["totals"]["kept"]
+    assert again.input_rows == stats.kept
 
 
 def test_out_that_curate_did_not_write_is_refused(setup):
@@ -257,7 +277,7 @@ def test_target_size_is_at_most_the_target_or_refused(setup):
                 curate(pairs, queries, str(tmp / "out"), target_size=target, executor=LocalExecutor(1))
             continue
         stats = curate(pairs, queries, str(tmp / "out"), target_size=target, executor=LocalExecutor(1))
-        assert stats["totals"]["expected_kept"] <= target + 1e-9
+        assert stats.expected_kept <= target + 1e-9
 
 
 @pytest.mark.parametrize("table, problem", [
@@ -299,7 +319,7 @@ def test_dictionary_encoded_columns_give_the_plain_result(tmp_path):
                    .set_column(0, "url", table["url"].dictionary_encode()), tmp_path / "dict" / "p.parquet")
     a = curate(plain, queries, str(tmp_path / "a"), max_per_query=20, executor=LocalExecutor(1))
     b = curate(str(tmp_path / "dict"), queries, str(tmp_path / "b"), max_per_query=20, executor=LocalExecutor(1))
-    assert a["totals"] == b["totals"] and _read_parts(tmp_path / "a") == _read_parts(tmp_path / "b")
+    assert _totals(a) == _totals(b) and _read_parts(tmp_path / "a") == _read_parts(tmp_path / "b")
 
 
 @pytest.mark.slow
@@ -317,7 +337,7 @@ def test_s3_out_is_swapped_whole(setup, moto_s3):
     src, q, out = f"s3://{bucket}/pairs", f"s3://{bucket}/queries.parquet", f"s3://{bucket}/out"
     first = curate(src, q, out, max_per_query=20, executor=LocalExecutor(1), shard_rows=40)
     local = curate(pairs, queries, str(tmp / "local"), max_per_query=20, executor=LocalExecutor(1), shard_rows=40)
-    assert first["totals"] == local["totals"]
+    assert _totals(first) == _totals(local)
 
     def listing():
         fs.invalidate_cache()
@@ -329,7 +349,7 @@ def test_s3_out_is_swapped_whole(setup, moto_s3):
         curate(src, q, out, max_per_query=-5, executor=LocalExecutor(1))
     with pytest.raises(RuntimeError, match="pass 2"):
         curate(src, q, out, max_per_query=5, executor=_DiesInPassTwo(1))
-    assert len(listing()) == 7 and json.loads(fs.cat(f"{bucket}/out/curation_stats.json"))["totals"] == first["totals"]
+    assert len(listing()) == 7 and CurationStats.read(out) == first
     curate(src, q, out, max_per_query=20, executor=LocalExecutor(1))
     assert listing() == ["_query_stats.parquet", "curation_counts.png", "curation_stats.json", "notes.txt",
                          "part-00000.parquet"]

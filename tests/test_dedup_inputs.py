@@ -157,11 +157,11 @@ def test_dedup_reports_a_shard_cut_in_the_middle_without_a_manifest(data, tmp_pa
     corpus = _cut_corpus(data, tmp_path, cut_at="", manifest=False)
     stats = dedup(corpus, str(tmp_path / "out"), [data["eval"]], descriptor="phash", thresholds={"phash": 0.95},
                   sheet_size=0, batch_size=4)
-    (shard,) = stats["damaged_shards"]
+    (shard,) = stats.damaged_shards
     assert shard["reason"] == "truncated" and shard["samples_lost"] is None  # unknown without img2dataset's parquet
-    assert 40 < stats["corpus_images"] == 40 + shard["samples_read"] < 60
-    assert stats["dropped"]["truncated"] == 1 and stats["unreadable"] == 1  # the sample being read, at least
-    assert stats["removed"] == 6  # the samples read before the cut were all checked
+    assert 40 < stats.corpus_images == 40 + shard["samples_read"] < 60
+    assert stats.dropped["truncated"] == 1 and stats.unreadable == 1  # the sample being read, at least
+    assert stats.removed == 6  # the samples read before the cut were all checked
 
 
 # ----- bad input: exit 2, one line, before any work -----

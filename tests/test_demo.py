@@ -35,6 +35,7 @@ def test_demo_runs_every_stage_and_prints_the_summary(demo):
                  "train/model/model.safetensors", "eval/results.md", "overlap/overlap.md", "overlap/overlap.json"):
         assert (run / path).exists(), path
     assert "corpus:" in stdout and "dedup:" in stdout and "make mlflow-ui" in stdout
+    assert "training: 12 steps, final loss " in stdout  # from the train flow's TrainSummary
     assert "shapes" in stdout and "| shapes" in stdout  # accuracy line and overlap table row
     stats = json.loads((run / "dedup" / "dedup_stats.json").read_text())
     assert stats["removed"] > 0  # the web plants copies of eval images: some reach the corpus

@@ -88,7 +88,8 @@ def test_detector_descriptor_encodes_unit_vectors(images):
 
 @pytest.mark.slow
 def test_clip_checkpoint_descriptor(tmp_path, images):
-    from clip_core.model import create_model, save_checkpoint
+    from clip_core.model import create_model
+    from clip_core.weights import save_checkpoint
     save_checkpoint(create_model("tiny"), tmp_path / "clip")
     (d,) = make_descriptors(f"clip:{tmp_path / 'clip'}")
     assert isinstance(d, ClipDescriptor) and d.name.startswith("clip:")

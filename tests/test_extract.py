@@ -16,7 +16,7 @@ import pytest
 from warcio.archiveiterator import ArchiveIterator
 from warcio.warcwriter import WARCWriter
 
-from clip_core.extract.wat import SCHEMA, STATS_NAME, check_wat, extract
+from clip_core.extract.wat import SCHEMA, STATS_NAME, ExtractStats, check_wat, extract
 from flows.commands.corpus import add_extract_arguments, run_extract_command
 from synthweb.wat_writer import wat_envelope, write_warcinfo, write_wat_file, write_wat_record
 from clip_core.extract.filters import (
@@ -162,6 +162,7 @@ def test_stats_count_every_record_link_and_drop(wat_files, tmp_path):
     saved = json.loads((tmp_path / "out" / STATS_NAME).read_text())
     assert saved["totals"]["pairs_kept"] == 10 and saved["pairs_per_s"] > 0
     assert [f["uri"] for f in saved["files"]] == wat_files
+    assert ExtractStats.read(str(tmp_path / "out")) == stats and stats.to_dict() == saved  # read back, same JSON
 
 
 def test_two_workers_and_any_executor_give_the_same_rows(wat_files, tmp_path):

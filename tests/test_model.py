@@ -1,14 +1,11 @@
-"""CLIP model: OpenAI's parameter names/shapes, output parity with OpenAI's code, loading."""
+"""CLIP model: OpenAI's parameter names/shapes, output parity with OpenAI's code (loading: test_weights.py)."""
 import math
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from clip_core.config import CLIPConfig, available_models, load_preset
-from clip_core.errors import InputError
-from clip_core.model import (CLIP, build_model, config_from_state_dict, create_model, load_checkpoint,
-                             load_state_dict, save_checkpoint)
+from clip_core.model import CLIP, create_model
 from openai_reference import openai_model_module
 
 # Parameter counts of OpenAI's released architectures (OpenAI's CLIP built with these dims).
@@ -60,12 +57,6 @@ def assert_same_outputs(ours, ref, config: CLIPConfig, rtol: float = 1e-5) -> No
 
 def shapes(model: torch.nn.Module) -> dict:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-@pytest.fixture(scope="module")
-def tiny_ref():
-    torch.manual_seed(1)
-    return openai_clip(load_preset("tiny"))
 
 
 # ----- architecture -----
@@ -133,131 +124,7 @@ def test_full_size_parity_both_directions(name):
     check_parity_both_directions(name)
 
 
-# ----- build_model / checkpoints -----
-
-@pytest.mark.parametrize("name", ["tiny", "tiny-rn"])
-def test_build_model_infers_the_preset(name):
-    model = create_model(name)
-    built = build_model(model.state_dict())
-    assert built.config == load_preset(name) and not built.training
-    assert all(p.device.type == "cpu" for p in built.state_dict().values())
-    assert_same_outputs(built, model.eval(), model.config)
-
-
-def test_build_model_reads_openai_fp16_checkpoints(tiny_ref):
-    state_dict = {k: v.half() if v.is_floating_point() else v for k, v in tiny_ref.state_dict().items()}
-    state_dict.update(input_resolution=torch.tensor(64), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
-    model = build_model(state_dict)
-    assert model.config == load_preset("tiny")
-    assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert_same_outputs(model, tiny_ref, model.config, rtol=5e-3)
-
-
-def test_build_model_copies_the_weights(tiny_ref):
-    state_dict = tiny_ref.state_dict()
-    model = build_model(state_dict)
-    state_dict["text_projection"].zero_()
-    assert model.text_projection.abs().sum() > 0
-
-
-def test_openai_heads_rule_for_unknown_dims():
-    config = load_preset("tiny").replace(embed_dim=64, vision_cfg={"heads": None}, text_cfg={"heads": 2})
-    with torch.device("meta"):
-        inferred = config_from_state_dict(CLIP(config).state_dict())
-    assert inferred == config and inferred.vision.heads == 2
-
-
-def test_load_safetensors_plain_pt_and_wrapped_pt(tiny_ref, tmp_path):
-    state_dict = tiny_ref.state_dict()
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp_path / "m.safetensors")
-    torch.save(state_dict, tmp_path / "m.pt")
-    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state_dict.items()}}, tmp_path / "w.pth")
-    for file in ("m.safetensors", "m.pt", "w.pth"):
-        assert_same_outputs(load_checkpoint(tmp_path / file), tiny_ref, load_preset("tiny"))
-
-
-@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
-def test_load_torchscript_archive_like_openai_releases(tmp_path):
-    config = load_preset("tiny-rn")
-    ref = openai_clip(config)
-    for key, value in (("input_resolution", 64), ("context_length", 77), ("vocab_size", 49408)):
-        ref.__dict__.pop(key, None)  # OpenAI's archives hold these as top-level tensors
-        ref.register_buffer(key, torch.tensor(value))
-    torch.jit.save(torch.jit.trace(ref, (images(config), tokens(2)), check_trace=False), tmp_path / "RN.pt")
-    assert_same_outputs(load_checkpoint(tmp_path / "RN.pt"), ref, config)
-
-
-def test_save_checkpoint_round_trip(tmp_path):
-    model = create_model("tiny").eval()
-    save_checkpoint(model, tmp_path / "ckpt")
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
-    loaded = load_checkpoint(tmp_path / "ckpt")
-    assert loaded.config == model.config
-    assert_same_outputs(loaded, model, model.config)
-
-
-def test_missing_checkpoint_raises(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        load_checkpoint(tmp_path / "nope.pt")
-
-
-def test_random_bytes_are_named_as_not_a_safetensors_file(tmp_path):
-    save_checkpoint(create_model("tiny"), tmp_path / "ckpt")
-    (tmp_path / "ckpt" / "model.safetensors").write_bytes(bytes(range(256)) * 64)
-    (tmp_path / "loose.safetensors").write_bytes(b"\x00" * 3)
-    for path in (tmp_path / "ckpt", tmp_path / "loose.safetensors"):
-        with pytest.raises(InputError, match=r"model.safetensors: not a safetensors file|"
-                                             r"loose.safetensors: not a safetensors file"):
-            load_checkpoint(path)
-
-
-def test_a_pickle_of_code_is_refused_without_suggesting_to_unpickle_it(tmp_path):
-    import fractions
-    import os
-
-    class RunsCode:
-        def __reduce__(self):
-            return os.getpid, ()
-
-    torch.save({"weights": torch.zeros(2), "hook": RunsCode()}, tmp_path / "code.pt")
-    torch.save({"ratio": fractions.Fraction(1, 3)}, tmp_path / "objects.pt")
-    (tmp_path / "noise.pt").write_bytes(b"\x80\x02garbage" * 10)
-    for name in ("code.pt", "objects.pt"):
-        with pytest.raises(InputError, match=f"{name}: a pickle that is not plain weights .*never unpickles code") as e:
-            load_checkpoint(tmp_path / name)
-        assert "weights_only" not in str(e.value) and "convert it to safetensors" in str(e.value)
-    with pytest.raises(InputError, match="noise.pt: not a PyTorch checkpoint") as e:
-        load_checkpoint(tmp_path / "noise.pt")
-    assert "weights_only" not in str(e.value)
-
-
 # ----- bad input -----
-
-def test_missing_and_unexpected_keys_are_named(tiny_ref):
-    state_dict = tiny_ref.state_dict()
-    del state_dict["ln_final.bias"]
-    state_dict["extra.weight"] = torch.zeros(1)
-    with pytest.raises(ValueError, match=r"missing keys 1 \(ln_final.bias\).*unexpected keys 1 \(extra.weight\)"):
-        load_state_dict(create_model("tiny"), state_dict)
-
-
-def test_many_missing_keys_are_counted():
-    state_dict = {k: v for k, v in create_model("tiny").state_dict().items() if "resblocks" not in k}
-    with pytest.raises(ValueError, match=r"missing keys 96 \(.*\+91 more\)"):
-        load_state_dict(create_model("tiny"), state_dict)
-
-
-def test_shape_mismatch_names_key_and_shapes():
-    state_dict = create_model("tiny").state_dict()
-    state_dict["text_projection"] = torch.zeros(128, 64)
-    with pytest.raises(ValueError, match=r"text_projection: checkpoint \(128, 64\) vs model \(128, 128\)"):
-        load_state_dict(create_model("tiny"), state_dict)
-
-
-def test_not_a_clip_state_dict():
-    with pytest.raises(ValueError, match="not a CLIP state_dict"):
-        build_model({"weight": torch.zeros(3)})
-
 
 def test_wrong_image_size_and_too_long_text_raise():
     model = create_model("tiny")

@@ -13,7 +13,7 @@ import torch
 from dedup.augment import copy_of, procedural_image
 from dedup.calibrate import calibrate, precision_recall
 from dedup.descriptors import make_descriptors
-from dedup.near_dup import build_references, dedup, dedup_shard
+from dedup.near_dup import DedupStats, build_references, dedup, dedup_shard
 
 KINDS = (["rescale"], ["jpeg"], ["crop"], ["color"], ["rescale", "color"], ["crop", "jpeg"])
 
@@ -80,10 +80,11 @@ def test_planted_copies_are_found_and_distinct_images_kept(planted, tmp_path, de
     assert found == planted["truth"]  # every copy, its right source, nothing else
     kept = set(pq.read_table(tmp_path / "kept_keys.parquet")["key"].to_pylist())
     assert kept == {f"other{j:03d}" for j in range(30)}
-    assert stats["corpus_images"] == 44 and stats["unreadable"] == 2 and stats["removed"] == 12
-    assert {u["key"] for u in stats["unreadable_samples"]} == {"broken000", "noimage00"}
-    toy = stats["eval_sets"]["toyset"]
-    assert toy["overlap"] == 12 and toy["calibration"]["recall"] > 0.9 and toy["calibration"]["precision"] >= 0.99
+    assert stats.corpus_images == 44 and stats.unreadable == 2 and stats.removed == 12
+    assert {u["key"] for u in stats.unreadable_samples} == {"broken000", "noimage00"}
+    toy = stats.eval_sets["toyset"]
+    assert toy.overlap == 12 and toy.calibration["recall"] > 0.9 and toy.calibration["precision"] >= 0.99
+    assert stats.overlap_pct == {"toyset": 50.0}
     assert json.loads((tmp_path / "dedup_stats.json").read_text())["removed"] == 12
     assert (tmp_path / "contact_sheet.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -98,6 +99,24 @@ def test_phash_finds_exact_and_jpeg_copies(planted, tmp_path):
     assert not (tmp_path / "contact_sheet.png").exists()
 
 
+def test_stats_read_back_equal_what_dedup_returned(planted, tmp_path):
+    """A flow that skips a finished dedup reads the same typed stats; the file keeps its format."""
+    stats = dedup(planted["corpus"], str(tmp_path), [planted["eval"]], descriptor="phash", calibration_samples=24,
+                  sheet_size=0)
+    text = (tmp_path / "dedup_stats.json").read_text()
+    assert DedupStats.read(str(tmp_path)) == stats and json.dumps(stats.to_dict(), indent=2) == text
+    assert list(json.loads(text)) == [
+        "corpus", "descriptor", "descriptors", "precision_target", "splits", "k", "seed", "corpus_shards",
+        "corpus_images", "unreadable", "dropped", "damaged_shards", "unreadable_samples", "removed", "kept",
+        "eval_sets", "seconds", "outputs"]
+    toy = stats.eval_sets["toyset"]
+    assert list(json.loads(text)["eval_sets"]["toyset"]) == [
+        "root", "split", "n", "eval_unreadable", "matches", "matched_corpus_images", "overlap", "overlap_pct",
+        "thresholds", "calibration"]
+    assert toy.n == 24 and stats.overlap_pct == {"toyset": 100.0 * toy.overlap / 24}
+    assert stats.unreadable == sum(stats.dropped.values()) == 2 and stats.kept + stats.removed == 42
+
+
 @pytest.mark.slow
 def test_shards_mapped_on_worker_processes_give_the_same_result(planted, tmp_path):
     """dedup maps its shards with any executor; two spawn workers write what one process writes."""
@@ -108,8 +127,9 @@ def test_shards_mapped_on_worker_processes_give_the_same_result(planted, tmp_pat
     with LocalExecutor(2) as pool:
         pooled = dedup(planted["corpus"], str(tmp_path / "pooled"), [planted["eval"]], executor=pool, **options)
     # PIL's decode error names a BytesIO by its address: compare the stats without it
-    same = [json.loads(re.sub(r" at 0x[0-9a-f]+", "", json.dumps({**stats, "seconds": 0}))) for stats in (inline, pooled)]
-    assert same[0] == same[1] and inline["removed"] > 0 and inline["unreadable"] == 2
+    same = [json.loads(re.sub(r" at 0x[0-9a-f]+", "", json.dumps({**stats.to_dict(), "seconds": 0})))
+            for stats in (inline, pooled)]
+    assert same[0] == same[1] and inline.removed > 0 and inline.unreadable == 2
     for name in ("matches.parquet", "kept_keys.parquet"):
         assert pq.read_table(tmp_path / "pooled" / name).equals(pq.read_table(tmp_path / "inline" / name))
 
@@ -145,7 +165,7 @@ def test_corpus_of_empty_shards(planted, tmp_path):
     _write_tar(tmp_path / "corpus" / "00000.tar", [])
     stats = dedup(str(tmp_path / "corpus"), str(tmp_path / "out"), [planted["eval"]], descriptor="phash",
                   calibration_samples=24)
-    assert stats["corpus_images"] == 0 and stats["removed"] == 0
+    assert stats.corpus_images == 0 and stats.removed == 0
     assert pq.read_table(tmp_path / "out" / "matches.parquet").num_rows == 0
 
 

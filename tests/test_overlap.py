@@ -91,7 +91,8 @@ def overlap_inputs(tmp_path_factory):
 
     from PIL import Image
 
-    from clip_core.model import create_model, save_checkpoint
+    from clip_core.model import create_model
+    from clip_core.weights import save_checkpoint
 
     root = tmp_path_factory.mktemp("overlap")
     save_checkpoint(create_model("tiny"), root / "ckpt")

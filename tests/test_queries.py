@@ -15,7 +15,7 @@ from clip_core.executors import LocalExecutor
 from clip_core.curation.balance import hash_strings
 from flows.commands.corpus import add_queries_arguments, run_queries_command
 from clip_core.curation.queries import (
-    bigrams, build_queries, count_chunk, is_matchable, iter_texts, plan_chunks,
+    QueryStats, bigrams, build_queries, count_chunk, is_matchable, iter_texts, plan_chunks,
     reduce_partition, words,
 )
 from clip_core.curation.wordnet import parse_data_line, read_synsets, wordnet_queries
@@ -50,7 +50,7 @@ def test_tokens_keep_case_and_break_at_punctuation():
 
 def test_counts_and_pmi_by_hand(tmp_path):
     rows, stats = _build(tmp_path, CORPUS, min_count=10, min_bigram_count=10, min_pmi=-100)
-    assert stats["tokens"] == 62  # 6 * 10 + 2
+    assert stats.tokens == 62  # 6 * 10 + 2
     by_query = {r["query"]: r for r in rows}
     assert {q: r["count"] for q, r in by_query.items() if r["kind"] == "unigram"} == \
         {"dog": 21, "hot": 11, "the": 10, "ate": 10, "a": 10}
@@ -100,7 +100,7 @@ def test_parquet_corpus_and_missing_column(tmp_path):
     pq.write_table(pa.table({"text": ["hot dog stand"] * 30 + [None, ""]}), tmp_path / "c.parquet", row_group_size=7)
     out = str(tmp_path / "q.parquet")
     stats = build_queries([str(tmp_path)], out, min_count=30, min_pmi=-100, executor=LocalExecutor(1))
-    assert stats["empty_texts"] == 2  # skipped, and counted
+    assert stats.empty_texts == 2  # skipped, and counted
     assert [r["query"] for r in pq.read_table(out).to_pylist()] == ["dog", "hot", "stand", "dog stand", "hot dog"]
     with pytest.raises(ValueError, match="text"):
         build_queries([str(tmp_path / "c.parquet")], out, text_column="body", executor=LocalExecutor(1))
@@ -113,7 +113,8 @@ def test_titles_counts_listing_and_unmatchable(tmp_path):
     stats = build_queries([], out, titles_uri=str(titles), min_title_count=70, executor=LocalExecutor(1))
     assert pq.read_table(out).to_pylist() == [{"query": "New York", "kind": "title", "count": 80},
                                               {"query": "Banana", "kind": "title", "count": None}]
-    assert stats["kinds"]["title"]["unmatchable"] == 1 and stats["title_bad_lines"] == 1
+    assert stats.kinds["title"]["unmatchable"] == 1 and stats.title_bad_lines == 1
+    assert stats.per_kind == {"title": 2} and stats.empty_texts is None  # no corpus: no count of its texts
 
 
 def test_matchable_under_metaclip_spacing():
@@ -147,9 +148,24 @@ def test_dedup_across_kinds_first_kind_wins(tmp_path, wordnet_dir):
     kind = {r["query"]: r["kind"] for r in rows}
     assert kind["dog"] == "unigram" and kind["hot dog"] == "bigram" and kind["Zebra crossing"] == "title"
     assert kind["entity"] == "synset" and sum(r["query"] == "dog" for r in rows) == 1
-    assert stats["kinds"]["title"]["duplicate"] == 2 and stats["kinds"]["synset"]["duplicate"] >= 2
+    assert stats.kinds["title"]["duplicate"] == 2 and stats.kinds["synset"]["duplicate"] >= 2
     assert all(r["count"] is None for r in rows if r["kind"] == "synset")
-    assert len(rows) == len({r["query"] for r in rows}) == stats["n_queries"]
+    assert len(rows) == len({r["query"] for r in rows}) == stats.n_queries == sum(stats.per_kind.values())
+    assert stats.per_kind == dict(Counter(r["kind"] for r in rows))
+
+
+def test_stats_travel_with_the_query_list(tmp_path):
+    """QueryStats.read(OUT) gives what build_queries returned; the columns stay the contract's."""
+    (tmp_path / "titles.txt").write_text("New_York\t80\nbad\tcount\n")
+    rows, stats = _build(tmp_path, CORPUS, min_count=10, min_pmi=-100, titles_uri=str(tmp_path / "titles.txt"))
+    out = str(tmp_path / "queries.parquet")
+    assert QueryStats.read(out) == stats and stats.to_dict() == QueryStats.read(out).to_dict()
+    assert list(stats.to_dict()) == ["tokens", "empty_texts", "title_bad_lines", "kinds", "n_queries"]
+    assert stats.per_kind == {"unigram": 5, "bigram": 5, "title": 1} and stats.n_queries == len(rows) == 11
+    assert pq.read_schema(out).names == ["query", "kind", "count"]
+    pq.write_table(pq.read_table(out).replace_schema_metadata(None), tmp_path / "theirs.parquet")
+    with pytest.raises(InputError, match=r"theirs.parquet: holds no query stats"):
+        QueryStats.read(str(tmp_path / "theirs.parquet"))
 
 
 def test_cli_runs_build_queries(tmp_path, capsys):

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-import clip_core.train.checkpoint as ckpt_module
-from clip_core.model import load_checkpoint
+import clip_core.weights as weights_module
 from clip_core.train import TrainConfig, build_training, restore_training
 from clip_core.train.checkpoint import CheckpointCallback, latest_checkpoint, save_train_state, step_folders
+from clip_core.weights import load_checkpoint
 from test_train_data import make_shards
 
 
@@ -19,7 +19,7 @@ def corpus(tmp_path_factory):
 
 
 def config(corpus, **kw):
-    base = dict(corpus=corpus, output="unused", preset="tiny", image_size=32, steps=8, batch_size=8, lr=1e-3,
+    base = dict(corpus=corpus, preset="tiny", image_size=32, steps=8, batch_size=8, lr=1e-3,
                 warmup=2, precision="fp32", data_workers=0, shuffle_buffer=8)
     return TrainConfig(**{**base, **kw})
 
@@ -96,7 +96,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, corpus, monkeypa
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt_module.torch, "save", broken_save)
+    monkeypatch.setattr(weights_module.torch, "save", broken_save)
     with torch.no_grad():
         next(trainer.model.parameters()).add_(1.0)
     with pytest.raises(OSError, match="disk full"):

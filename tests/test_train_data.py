@@ -92,6 +92,24 @@ def test_samples_group_members_by_key(tmp_path):
     assert set(samples[0][1]) == {"jpg", "txt", "json"}
 
 
+def test_training_reads_the_keys_that_webdataset_reads(tmp_path):
+    """One reader and one sample key: the keys dedup writes to matches.parquet are the keys `--exclude` drops."""
+    import fsspec
+
+    from clip_core.data.webdataset import iter_shard
+
+    jpeg, folder = shape_image("red", "circle", random.Random(0)), tmp_path / "c"
+    folder.mkdir()
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for name, data in (("sub/a.JPG", jpeg), ("sub/a.txt", b"a red circle"), ("b.jpg", jpeg), ("b.txt", b"b")):
+            _add(tar, name, data)
+    fs, path = fsspec.core.url_to_fs(str(folder / "00000.tar"))
+    assert [k for k, _ in iter_samples(str(folder / "00000.tar"))] == [s["__key__"] for s in iter_shard(fs, path)]
+    loader = _loader(folder, exclude=frozenset({"sub/a"}), batch_size=1)
+    assert _keys(loader, 2) == ["b", "b"]  # two epochs of the one sample left; the upper-case JPG was read
+    assert loader.stats().excluded == 2 and loader.stats().skipped == 0
+
+
 def test_one_epoch_sees_every_sample_once(tmp_path):
     folder, keys = make_shards(tmp_path, 3, 8)
     loader = _loader(folder)
@@ -150,7 +168,8 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path):
     loader = _loader(folder)
     got = _keys(loader, 3)  # 16 - 4 broken = 12 good = one epoch
     assert sorted(got) == sorted(set(keys) - bad - {"000010006"})
-    assert loader.stats()["skipped"] == 4 and loader.stats()["good"] == 12
+    stats = loader.stats()
+    assert (stats.skipped, stats.good, stats.skip_reasons) == (4, 12, {"incomplete": 1, "undecodable": 3, "truncated": 0})
 
 
 def test_resampled_streams_draw_with_replacement(tmp_path):
@@ -158,7 +177,7 @@ def test_resampled_streams_draw_with_replacement(tmp_path):
     loader = _loader(folder, resampled=True, seed=3)
     got = Counter(_keys(loader, 8))
     assert sum(got.values()) == 32 and set(got) <= set(keys) and max(got.values()) > 1
-    assert loader.stats()["epoch"] >= 1
+    assert loader.stats().epoch >= 1
 
 
 def test_a_position_for_another_layout_is_refused(tmp_path):
@@ -218,7 +237,7 @@ def test_excluded_keys_are_left_out_and_counted(tmp_path):
     loader = _loader(folder, exclude=load_excluded_keys(str(tmp_path / "matches.parquet")))
     seen = _keys(loader, (len(keys) - len(dropped)) // 4)
     assert sorted(seen) == sorted(set(keys) - dropped)
-    assert loader.stats()["excluded"] == len(dropped)
+    assert loader.stats().excluded == len(dropped)
     (tmp_path / "keys.txt").write_text("\n".join(sorted(dropped)) + "\n")
     assert load_excluded_keys(str(tmp_path / "keys.txt")) == dropped
     pq.write_table(pa.table({"url": ["x"]}), tmp_path / "bad.parquet")

@@ -10,12 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from clip_core.data.webdataset import DamagedShardError
 from clip_core.errors import InputError
 from clip_core.train import TrainConfig, build_training
 from clip_core.train.checkpoint import save_train_state
-from clip_core.train.config import add_train_arguments
-from flows.train import run_train_command
 from clip_core.train.data import DataConfig, ShardLoader, check_corpus, iter_samples, load_excluded_keys
+from flows.commands.train import add_train_arguments, run_train_command
 from test_train_data import make_shards
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,7 +41,7 @@ def _whole_samples(shard) -> int:
     try:
         for _ in iter_samples(str(shard)):
             n += 1
-    except tarfile.TarError:
+    except DamagedShardError:
         pass
     return n
 
@@ -115,8 +115,8 @@ def test_a_truncated_shards_lost_samples_are_counted_as_skipped(tmp_path):
     with pytest.warns(UserWarning, match=f"{8 - whole} samples of it lost"):
         _take(loader, whole + 1)  # one epoch and the first sample of the next
     stats = loader.stats()
-    assert stats["skip_reasons"]["truncated"] == 8 - whole and stats["skipped"] == 8 - whole
-    assert stats["good"] == whole + 1
+    assert stats.skip_reasons["truncated"] == 8 - whole and stats.skipped == 8 - whole
+    assert stats.good == whole + 1
 
 
 def test_a_shard_cut_at_a_member_boundary_is_truncated_too(tmp_path):
@@ -125,13 +125,13 @@ def test_a_shard_cut_at_a_member_boundary_is_truncated_too(tmp_path):
     with tarfile.open(shard) as tar:
         third = [m.offset for m in tar.getmembers()][6]  # the first member of the third sample
     _truncate(shard, third)
-    with pytest.raises(tarfile.ReadError, match="no end-of-archive marker"):
+    with pytest.raises(DamagedShardError, match="shard is truncated after 1 complete samples"):
         list(iter_samples(str(shard)))
     loader = _loader(folder, batch_size=1)
     with pytest.warns(UserWarning, match="1 samples of it lost"):
         got = _take(loader, 2)  # one epoch and the first sample of the next
     # no listing beside it: the loss counted is the sample being read when the tar ended
-    assert got == keys[:1] * 2 and loader.stats()["skip_reasons"]["truncated"] == 1
+    assert got == keys[:1] * 2 and loader.stats().skip_reasons["truncated"] == 1
 
 
 # ----- every input is checked before Ray starts (issue 14, items 10 and 12) -----
@@ -141,7 +141,7 @@ def no_ray(monkeypatch):
     """Fail the test if training gets as far as connecting to Ray."""
     import flows.train
 
-    def refuse(cfg):
+    def refuse(run):
         raise AssertionError("Ray was started before the inputs were checked")
 
     monkeypatch.setattr(flows.train, "connect_ray", refuse)
@@ -156,8 +156,8 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, corpus):
     """A whole training checkpoint of the tiny preset at 32 px."""
-    cfg = TrainConfig(corpus=corpus, output="unused", preset="tiny", image_size=32, steps=1, batch_size=4,
-                      precision="fp32", data_workers=0)
+    cfg = TrainConfig(corpus=corpus, preset="tiny", image_size=32, steps=1, batch_size=4, precision="fp32",
+                      data_workers=0)
     trainer, _ = build_training(cfg)
     return save_train_state(tmp_path_factory.mktemp("ckpt") / "step_00000001", trainer)
 
@@ -228,6 +228,23 @@ def test_out_that_is_a_file_is_bad_input(tmp_path, capsys, corpus, no_ray):
     assert code == 2 and "OUT is a file" in err
 
 
+def test_the_pipelines_train_flow_passes_a_missing_exclude_file_on(tmp_path, corpus, no_ray):
+    """Before: the flow dropped an --exclude file that did not exist and trained on every sample."""
+    from flows.pipeline import train_model
+
+    with pytest.raises(InputError, match=r"matches.parquet: --exclude file does not exist"):
+        train_model.fn(corpus, str(tmp_path / "out"), steps=2, batch_size=4, workers=1,
+                       exclude=str(tmp_path / "dedup" / "matches.parquet"))
+    assert not (tmp_path / "out").exists()  # refused before OUT was made
+
+
+def test_a_batch_that_does_not_split_over_the_workers_is_refused_by_train_too(tmp_path, corpus, no_ray):
+    from flows.train import RunSettings, train
+
+    with pytest.raises(InputError, match=r"--batch-size: batch_size 10 is not divisible by workers x accum_steps"):
+        train(TrainConfig(corpus=corpus, steps=2, batch_size=10), RunSettings(output=str(tmp_path / "out"), workers=3))
+
+
 # ----- the MLflow run and metrics.jsonl after a kill (issue 14, item 12) -----
 
 class FakeTracker:
@@ -276,13 +293,14 @@ def test_a_resumed_run_ends_the_run_its_killed_predecessor_left_running(tmp_path
     from mlflow import MlflowClient
 
     from flows.tracking import Tracker
-    from flows.train import _checked, _open_run
+    from flows.train import RunSettings, _checked, _open_run
 
-    cfg, urls = _checked(TrainConfig(corpus=corpus, output=str(tmp_path / "out"), steps=2))
-    killed_tracker, killed = _open_run(cfg, urls)  # a driver that then died by SIGKILL: its run stays RUNNING
+    cfg = TrainConfig(corpus=corpus, steps=2)
+    run, urls = _checked(cfg, RunSettings(output=str(tmp_path / "out")))
+    killed_tracker, killed = _open_run(cfg, run, urls)  # a driver that then died by SIGKILL: its run stays RUNNING
     other = Tracker(killed_tracker.uri).start("clip", "clip-train", {}, {"output": "/another/out"})
     with pytest.warns(UserWarning, match="left RUNNING by a killed training; marked KILLED"):
-        tracker, run_id = _open_run(cfg, urls)
+        tracker, run_id = _open_run(cfg, run, urls)
     client = MlflowClient(tracker.uri)
     assert client.get_run(killed).info.status == "KILLED"
     assert client.get_run(other).info.status == "RUNNING"  # another output's run is not ours to end

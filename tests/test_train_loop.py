@@ -130,7 +130,7 @@ def test_two_ranks_with_local_loss_and_accumulation_equal_one_process(tmp_path):
 
 def _config(tmp_path, **kw):
     folder, _ = make_shards(tmp_path / "corpus", 2, 48)
-    base = dict(corpus=str(folder), output=str(tmp_path / "out"), preset="tiny", image_size=32, steps=40,
+    base = dict(corpus=str(folder), preset="tiny", image_size=32, steps=40,
                 batch_size=16, lr=1e-3, warmup=4, precision="fp32", data_workers=1, shuffle_buffer=32)
     return TrainConfig(**{**base, **kw})
 
@@ -173,12 +173,28 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
 
 def test_local_paths_become_absolute_for_ray_workers(tmp_path, monkeypatch):
     """Ray workers run elsewhere: `clip-pipeline train runs/x/shards runs/x/train` must still find them."""
-    from clip_core.train.config import TrainConfig
+    from flows.train import RunSettings
 
     monkeypatch.chdir(tmp_path)
-    cfg = TrainConfig(corpus="runs/shards", output="runs/train", exclude="runs/dedup/matches.parquet",
-                      eval=["runs/web/eval/shapes"], storage_path="s3://bucket/ray")
-    assert cfg.corpus == str(tmp_path / "runs" / "shards") and cfg.output == str(tmp_path / "runs" / "train")
+    cfg = TrainConfig(corpus="runs/shards", exclude="runs/dedup/matches.parquet", eval=["runs/web/eval/shapes"])
+    run = RunSettings(output="runs/train", storage_path="s3://bucket/ray", resume="runs/train/ray/step_00000002")
+    assert cfg.corpus == str(tmp_path / "runs" / "shards") and run.output == str(tmp_path / "runs" / "train")
     assert cfg.exclude == str(tmp_path / "runs" / "dedup" / "matches.parquet")
-    assert cfg.eval == [str(tmp_path / "runs" / "web" / "eval" / "shapes")]
-    assert cfg.storage_path == "s3://bucket/ray"
+    assert cfg.eval == (str(tmp_path / "runs" / "web" / "eval" / "shapes"),)
+    assert run.storage_path == "s3://bucket/ray" and run.resume_from == str(tmp_path / "runs/train/ray/step_00000002")
+    assert RunSettings(resume="never").resume_from is None and RunSettings().resume_from is None
+
+
+def test_the_recipe_is_frozen_and_crosses_as_plain_values():
+    import dataclasses
+    import json
+
+    cfg = TrainConfig(preset="tiny", steps=3, eval=["/e/shapes"], betas=[0.9, 0.95])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # as it reaches a Ray worker
+    assert cfg.replace(steps=5).steps == 5 and cfg.steps == 3
+    with pytest.raises(ValueError, match="unknown training options: \\['workers'\\]"):
+        TrainConfig.from_dict({"workers": 2})  # where the run executes is not part of the recipe
+    with pytest.raises(ValueError, match="not divisible by workers x accum_steps = 3 x 2"):
+        TrainConfig(batch_size=10, accum_steps=2).check_workers(3)

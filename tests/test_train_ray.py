@@ -1,6 +1,5 @@
 """Ray Train wiring and MLflow tracking: 2 gloo workers, failures, NaN, bad inputs, a down server."""
 import argparse
-import dataclasses
 import io
 import json
 import os
@@ -11,14 +10,14 @@ import time
 import pytest
 import torch
 
-from flows.common import free_port, loopback_ray
 from clip_core.loss import ClipLoss
-from clip_core.model import load_checkpoint
 from clip_core.train import TrainConfig, build_model_for, build_training, data_config
 from clip_core.train.accum import forward_backward
-from clip_core.train.config import add_train_arguments, config_from_args
-from flows.train import run_train_command
 from clip_core.train.data import ShardLoader
+from clip_core.weights import load_checkpoint
+from flows.commands.train import add_train_arguments, options_from_args, run_train_command
+from flows.common import free_port, loopback_ray
+from flows.train import RunSettings
 from test_train_data import make_shards, shape_image
 
 
@@ -72,11 +71,14 @@ def eval_sets(tmp_path_factory):
     return {"colours": colours, "shapes": shapes}
 
 
-def config(tmp_path, corpus, **kw):
+def config(tmp_path, corpus, **kw) -> tuple[TrainConfig, RunSettings]:
+    """(recipe, run settings) of a small 2-worker run; `kw` may hold options of either."""
     base = dict(corpus=corpus, output=str(tmp_path / "out"), preset="tiny", image_size=32, steps=12, batch_size=16,
                 lr=1e-3, warmup=2, precision="fp32", workers=2, cpus_per_worker=0.5, data_workers=0,
                 shuffle_buffer=16, checkpoint_every=4, num_to_keep=2, log_every=1)
-    return TrainConfig(**{**base, **kw})
+    base.update(kw)
+    recipe = {k: v for k, v in base.items() if k in TrainConfig.field_names()}
+    return TrainConfig(**recipe), RunSettings(**{k: v for k, v in base.items() if k not in recipe})
 
 
 def single_process_grad_norm(cfg) -> float:
@@ -94,20 +96,22 @@ def test_two_workers_train_checkpoint_and_track(tmp_path, corpus, eval_sets, ray
 
     from flows.train import train
 
-    cfg = config(tmp_path, corpus, steps=14, data_workers=1, checkpoint_every=5, eval=[eval_sets["colours"]], eval_every=7)
-    summary = train(cfg)
-    losses = [r["loss"] for r in summary["history"]]
-    assert summary["steps"] == 14 and len(losses) == 14
+    cfg, settings = config(tmp_path, corpus, steps=14, data_workers=1, checkpoint_every=5,
+                           eval=[eval_sets["colours"]], eval_every=7)
+    summary = train(cfg, settings)
+    losses = [r["loss"] for r in summary.history]
+    assert summary.steps == 14 and len(losses) == 14 and summary.final_loss == losses[-1]
     assert sum(losses[-4:]) / 4 < sum(losses[:3]) / 3 - 0.3, losses
+    assert summary.data.good >= 14 * 8 and summary.data.skipped == 0  # rank 0's half of every batch
     # the distributed gradient (local loss, gather with grad, DDP mean) is the one-process gradient
-    assert summary["history"][0]["grad_norm"] == pytest.approx(single_process_grad_norm(cfg), rel=1e-4)
+    assert summary.history[0]["grad_norm"] == pytest.approx(single_process_grad_norm(cfg), rel=1e-4)
     kept = sorted(p.name for p in (tmp_path / "out" / "ray" / "clip-train").glob("step_*"))
     assert kept == ["step_00000010", "step_00000014"]
-    final = load_checkpoint(summary["model"])
-    assert torch.equal(final.logit_scale, load_checkpoint(summary["checkpoint"]).logit_scale)
+    final = load_checkpoint(summary.model)
+    assert torch.equal(final.logit_scale, load_checkpoint(summary.checkpoint).logit_scale)
 
-    client = MlflowClient(summary["tracking_uri"])
-    run = client.get_run(summary["mlflow_run_id"])
+    client = MlflowClient(summary.tracking_uri)
+    run = client.get_run(summary.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["batch_size"] == "16" and run.data.params["preset_config.vision_cfg.width"] == "128"
     assert run.data.tags["corpus"] == corpus and run.data.tags["git_commit"]
@@ -133,10 +137,11 @@ def test_ray_learns_as_well_as_a_plain_loop(tmp_path, tmp_path_factory, eval_set
     from flows.train import train
 
     folder, _ = make_shards(tmp_path_factory.mktemp("learn"), 2, 96, seed=3)
-    cfg = config(tmp_path, str(folder), steps=60, batch_size=32, warmup=5, shuffle_buffer=64, checkpoint_every=60)
-    plain, loader = build_training(dataclasses.replace(cfg, workers=1))
+    cfg, settings = config(tmp_path, str(folder), steps=60, batch_size=32, warmup=5, shuffle_buffer=64,
+                           checkpoint_every=60)
+    plain, loader = build_training(cfg)  # one process: the whole global batch
     plain.fit(loader, cfg.total_steps)
-    ray_model = load_checkpoint(train(cfg)["model"])
+    ray_model = load_checkpoint(train(cfg, settings).model)
 
     def accuracy(model):
         return {name: evaluate_zeroshot(model, path, progress=False).metrics["acc1"] for name, path in eval_sets.items()}
@@ -166,10 +171,10 @@ def test_a_killed_worker_is_restarted_from_its_checkpoint(tmp_path, corpus, ray_
                 time.sleep(8)  # Ray registers the step-4 report at its next health-check poll (every 2 s)
                 os._exit(1)
 
-    cfg = config(tmp_path, corpus, steps=10, max_failures=1, mlflow_uri=f"http://127.0.0.1:{free_port()}")
-    summary = train(cfg, callbacks=[KillRank1Once()])
-    assert os.path.exists(marker) and summary["steps"] == 10
-    assert [r["step"] for r in summary["history"]] == list(range(5, 11))  # resumed from step_00000004
+    cfg, settings = config(tmp_path, corpus, steps=10, max_failures=1, mlflow_uri=f"http://127.0.0.1:{free_port()}")
+    summary = train(cfg, settings, callbacks=[KillRank1Once()])
+    assert os.path.exists(marker) and summary.steps == 10
+    assert [r["step"] for r in summary.history] == list(range(5, 11))  # resumed from step_00000004
     first, second = {}, {}
     for step, loss in map(json.loads, open(losses).read().splitlines()):  # attempt one: 1..6 (or 7), two: 5..10
         (second if step in first and step not in second else first)[step] = loss
@@ -212,11 +217,11 @@ def test_a_local_run_listens_on_loopback_only(tmp_path, corpus, ray_cluster):
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        summary = train(config(tmp_path, corpus, steps=6, checkpoint_every=3), callbacks=[RecordPid()])
+        summary = train(*config(tmp_path, corpus, steps=6, checkpoint_every=3), callbacks=[RecordPid()])
     finally:
         done.set()
         watcher.join()
-    assert summary["steps"] == 6
+    assert summary.steps == 6
 
     def loopback(ip: str) -> bool:
         address = ipaddress.ip_address(ip.split("%")[0])
@@ -229,7 +234,7 @@ def test_a_local_run_listens_on_loopback_only(tmp_path, corpus, ray_cluster):
 
 @pytest.mark.slow
 def test_a_terminated_training_closes_its_mlflow_run_and_resumes(tmp_path, corpus, ray_cluster):
-    """SIGTERM to `python -m flows.train`: the MLflow run ends KILLED; `--resume auto` continues it."""
+    """SIGTERM to `python -m flows.commands.train`: the MLflow run ends KILLED; `--resume auto` continues it."""
     import signal
     import subprocess
     import sys
@@ -239,8 +244,8 @@ def test_a_terminated_training_closes_its_mlflow_run_and_resumes(tmp_path, corpu
     from flows.train import train
 
     out = tmp_path / "out"
-    cfg = config(tmp_path, corpus, steps=400, workers=1, checkpoint_every=2)  # the child's options, as a config
-    argv = [sys.executable, "-m", "flows.train", corpus, str(out), "--preset", "tiny", "--image-size", "32",
+    cfg, settings = config(tmp_path, corpus, steps=400, workers=1, checkpoint_every=2)  # the child's options
+    argv = [sys.executable, "-m", "flows.commands.train", corpus, str(out), "--preset", "tiny", "--image-size", "32",
             "--steps", "400", "--batch-size", "16", "--lr", "1e-3", "--warmup", "2", "--precision", "fp32",
             "--workers", "1", "--cpus-per-worker", "0.5", "--data-workers", "0", "--shuffle-buffer", "16",
             "--checkpoint-every", "2", "--num-to-keep", "2", "--log-every", "1"]
@@ -264,11 +269,11 @@ def test_a_terminated_training_closes_its_mlflow_run_and_resumes(tmp_path, corpu
 
     snapshot = json.loads((out / "ray" / "clip-train" / "checkpoint_manager_snapshot.json").read_text())
     last = int(snapshot["latest_checkpoint_result"]["checkpoint_dir_name"].split("_")[1])  # what Ray resumes
-    summary = train(dataclasses.replace(cfg, steps=last + 2))  # --resume auto: from the killed run's newest checkpoint
-    assert [r["step"] for r in summary["history"]] == [last + 1, last + 2]
+    summary = train(cfg.replace(steps=last + 2), settings)  # --resume auto: from the killed run's newest checkpoint
+    assert [r["step"] for r in summary.history] == [last + 1, last + 2]
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, last + 3))  # the killed run's rows after its checkpoint are gone
-    assert client.get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
+    assert client.get_run(summary.mlflow_run_id).info.status == "FINISHED"
 
 
 @pytest.mark.slow
@@ -281,20 +286,20 @@ def test_nan_loss_stops_clearly_keeps_the_checkpoint_and_a_rerun_continues(tmp_p
                 with torch.no_grad():
                     trainer.model.module.ln_final.weight.fill_(float("nan"))
 
-    cfg = config(tmp_path, corpus, steps=8, checkpoint_every=2)
+    cfg, settings = config(tmp_path, corpus, steps=8, checkpoint_every=2)
     with pytest.raises(TrainingError, match=r"loss is nan at step 3.*last good checkpoint: .*step_00000002"):
-        train(cfg, callbacks=[PoisonAtStep3()])
+        train(cfg, settings, callbacks=[PoisonAtStep3()])
     assert (tmp_path / "out" / "ray" / "clip-train" / "step_00000002" / "model.safetensors").is_file()
     assert not (tmp_path / "out" / "model").exists()
-    summary = train(dataclasses.replace(cfg, steps=5))  # the same command again continues from step 2
-    assert [r["step"] for r in summary["history"]] == [3, 4, 5]
+    summary = train(cfg.replace(steps=5), settings)  # the same command again continues from step 2
+    assert [r["step"] for r in summary.history] == [3, 4, 5]
 
 
 def test_an_unreachable_ray_address_fails_fast(tmp_path, corpus):
     from flows.train import train
 
     with pytest.raises(ConnectionError, match="cannot reach the Ray cluster"):
-        train(config(tmp_path, corpus, ray_address=f"127.0.0.1:{free_port()}"))
+        train(*config(tmp_path, corpus, ray_address=f"127.0.0.1:{free_port()}"))
 
 
 def test_a_down_tracking_server_does_not_stop_training(tmp_path, corpus):
@@ -304,7 +309,7 @@ def test_a_down_tracking_server_does_not_stop_training(tmp_path, corpus):
         tracker = Tracker(f"http://127.0.0.1:{free_port()}")
     assert tracker.start("clip", "run", {"lr": 1}, {}) is None
     metrics = MetricsCallback(tracker, tmp_path / "metrics.jsonl", log_every=1, world_size=1)
-    trainer, loader = build_training(config(tmp_path, corpus, workers=1, batch_size=8), callbacks=[metrics])
+    trainer, loader = build_training(config(tmp_path, corpus, batch_size=8)[0], callbacks=[metrics])
     trainer.fit(loader, 3)
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
 
@@ -322,12 +327,38 @@ def test_a_tracking_server_that_goes_down_only_warns():
         tracker.log_metrics({"loss": 1.0}, step=1)
 
 
+def test_a_run_whose_server_is_down_when_a_worker_starts_logs_nothing_and_goes_on(tmp_path):
+    """Rank 0 gets the driver's run id; before, a server gone down by then raised AttributeError on None."""
+    from flows.tracking import Tracker
+
+    with pytest.warns(UserWarning, match="unreachable"):
+        tracker = Tracker(f"http://127.0.0.1:{free_port()}", run_id="abc")
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    tracker.log_params({"lr": "0.1"})
+    tracker.set_tags({"stage": "train"})
+    tracker.log_artifacts(str(tmp_path), "model")
+    tracker.log_artifact(str(tmp_path), "model")
+    tracker.end("FINISHED")
+    assert tracker.register("clip-tiny", "model") is None and tracker.run_exists("abc") is None
+
+
 def test_command_line_overrides_the_config_file(tmp_path):
-    (tmp_path / "train.json").write_text(json.dumps({"steps": 50, "lr": 0.01, "preset": "tiny-rn"}))
+    (tmp_path / "train.json").write_text(json.dumps({"steps": 50, "lr": 0.01, "preset": "tiny-rn", "num-to-keep": 5,
+                                                     "workers": 4}))
     parser = add_train_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["C", "OUT", "--config", str(tmp_path / "train.json"), "--steps", "7", "--no-local-loss"])
-    cfg = config_from_args(args)
+    args = parser.parse_args(["C", "OUT", "--config", str(tmp_path / "train.json"), "--steps", "7", "--no-local-loss",
+                              "--workers", "2"])
+    cfg, run = options_from_args(args)
     assert (cfg.steps, cfg.lr, cfg.preset, cfg.local_loss, cfg.batch_size) == (7, 0.01, "tiny-rn", False, 256)
+    assert (run.workers, run.num_to_keep, run.output, run.resume) == (2, 5, os.path.abspath("OUT"), "auto")
+    assert cfg.corpus == os.path.abspath("C")
+
+
+def test_a_config_file_with_an_unknown_option_is_bad_input(tmp_path, capsys):
+    (tmp_path / "train.yaml").write_text("steps: 5\nlearning_rate: 0.1\n")
+    args = add_train_arguments(argparse.ArgumentParser()).parse_args(["C", "OUT", "--config", str(tmp_path / "train.yaml")])
+    assert run_train_command(args) == 2
+    assert "unknown training options: ['learning_rate']" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

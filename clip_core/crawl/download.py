@@ -57,7 +57,8 @@ PERMANENT_ERRORS = ("HTTP Error 404:", "HTTP Error 410:", "HTTP Error 451:", "X-
                     "URL can't contain control characters", "codec can't encode")
 SHARD_FILE = re.compile(r"^(\d+)(_stats\.json|\.tar|\.parquet)$")
 RETRY_FILE = re.compile(r"^retry_(\d+)\.parquet$")
-MANIFEST, STAGED, STATS_ASIDE = "_input/manifest.json", "_input/pairs.parquet", "_input/crawl_stats.json"
+STATS_NAME = "crawl_stats.json"
+MANIFEST, STAGED, STATS_ASIDE = "_input/manifest.json", "_input/pairs.parquet", f"_input/{STATS_NAME}"
 MANIFEST_KEYS = ("number_sample_per_shard", "image_size", "resize_mode", "encode_quality")
 
 
@@ -86,8 +87,14 @@ class CrawlStats:
     images_per_second: float = 0.0
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict."""
+        """A JSON-ready dict: crawl_stats.json's content."""
         return asdict(self)
+
+    @classmethod
+    def read(cls, uri: str) -> CrawlStats:
+        """The stats of a crawl: OUT/crawl_stats.json, `uri` being OUT."""
+        with fsspec.open(f"{uri.rstrip('/')}/{STATS_NAME}", "r") as f:
+            return cls(**json.load(f))
 
     def summary(self) -> str:
         """A few human-readable lines."""
@@ -208,7 +215,7 @@ def read_crawl_manifest(fs: fsspec.AbstractFileSystem, out: str) -> dict | None:
         raise InputError(path, f"is not a crawl manifest ({err!r})", "crawl into a new folder") from None
     # img2dataset reads every OUT/*.json as a shard's stats: a name it cannot parse stops it, and a
     # shard that is not ours would be taken as done or move where a retry round starts.
-    foreign = [n for n in names if n.endswith(".json") and n != "crawl_stats.json"
+    foreign = [n for n in names if n.endswith(".json") and n != STATS_NAME
                and (shard_file(n) or (None,))[0] not in owned]
     check(not foreign, out, f"holds JSON files img2dataset would read as shard stats: {foreign}", "move them out of OUT")
     return manifest
@@ -370,7 +377,7 @@ def _stats_aside(fs: fsspec.AbstractFileSystem, out: str) -> Iterator[None]:
     img2dataset reads every OUT/*.json as a shard's stats; a run that fails leaves the
     previous result's stats in place, a finished one writes new ones.
     """
-    path, aside = f"{out}/crawl_stats.json", f"{out}/{STATS_ASIDE}"
+    path, aside = f"{out}/{STATS_NAME}", f"{out}/{STATS_ASIDE}"
     if fs.exists(path):
         fs.mv(path, aside)
     try:
@@ -424,6 +431,6 @@ def _finish(folder: CrawlFolder, stats: CrawlStats, done_before: set[int], start
     stats.fetched_this_run = _shard_counts(fs, out, sorted(listing.stats - done_before))
     stats.wall_seconds = time.perf_counter() - start
     stats.images_per_second = stats.fetched_this_run / stats.wall_seconds if stats.wall_seconds else 0.0
-    write_json(fs, f"{out}/crawl_stats.json", stats.to_dict())
+    write_json(fs, f"{out}/{STATS_NAME}", stats.to_dict())
     if fs.exists(f"{out}/{STATS_ASIDE}"):
         fs.rm(f"{out}/{STATS_ASIDE}")

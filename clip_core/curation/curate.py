@@ -36,7 +36,9 @@ from clip_core.curation.balance import (
     count_to_prob, expected_size, in_sample, keep_mask, keep_probability, row_keys, solve_t,
 )
 from clip_core.curation.matching import DEFAULT_MAX_CHARS, QueryMatcher, clean_captions, load_query_list
-from clip_core.curation.plot import PLOT_NAME, QUERY_STATS_NAME, STATS_NAME, summarize, write_report
+from clip_core.curation.plot import (
+    PLOT_NAME, QUERY_STATS_NAME, STATS_NAME, CurationStats, summarize, write_report,
+)
 from clip_core.data.parquet import atomic_parquet, check_column, list_parquet, parquet_errors, parquet_metadata
 from clip_core.data.staging import StagedOutput
 from clip_core.errors import InputError
@@ -238,8 +240,9 @@ def check_curate_options(max_per_query: int, target_size: int | None, seed: int,
 def curate(pairs_uris: str | list[str], queries_uri: str, out_uri: str, *, max_per_query: int = 20000,
            target_size: int | None = None, seed: int = 0, case_sensitive: bool = True,
            executor: Executor | None = None, shard_rows: int = 250_000, batch_rows: int = 16384,
-           max_chars: int = DEFAULT_MAX_CHARS, sample_size: int = 1_000_000, keep_temp: bool = False) -> dict:
-    """Match, count, balance and write curated pairs under out_uri; return the stats dict.
+           max_chars: int = DEFAULT_MAX_CHARS, sample_size: int = 1_000_000,
+           keep_temp: bool = False) -> CurationStats:
+    """Match, count, balance and write curated pairs under out_uri; return their stats.
 
     Every check comes first; the result is built aside and swapped into out_uri at the end."""
     check_curate_options(max_per_query, target_size, seed, shard_rows, batch_rows, max_chars, sample_size)
@@ -262,7 +265,7 @@ def curate(pairs_uris: str | list[str], queries_uri: str, out_uri: str, *, max_p
 
 
 def _run_passes(base: dict, shards: list[Shard], n_queries: int, max_per_query: int, target_size: int | None,
-                executor: Executor | None) -> dict:
+                executor: Executor | None) -> CurationStats:
     """Pass 1, the reduce, pass 2 and the report, all written under base["work_uri"]; the stats."""
     owned, executor = executor is None, executor or LocalExecutor()
     try:
@@ -283,11 +286,10 @@ def _run_passes(base: dict, shards: list[Shard], n_queries: int, max_per_query: 
     settings = {k: base[k] for k in ("seed", "case_sensitive", "max_chars", "queries_uri", "sample_rate")}
     parts = [(posixpath.basename(_part_uri(base["work_uri"], s)), s.num_rows) for s in shards]
     settings |= {"max_per_query": max_per_query, "target_size": target_size}
-    stats = summarize(settings, counts, int(t), first, second, parts)
     rate = base["sample_rate"]
-    stats["totals"]["estimated_kept"] = expected_size(offsets, sample_ids, counts, t, rate) if rate else None
-    write_report(base["work_uri"], base["queries_uri"], counts, kept, int(t), stats)
-    return stats
+    estimated = expected_size(offsets, sample_ids, counts, t, rate) if rate else None
+    stats = summarize(settings, counts, int(t), first, second, parts, estimated)
+    return write_report(base["work_uri"], base["queries_uri"], counts, kept, int(t), stats)
 
 
 def _choose_t(counts: np.ndarray, offsets: np.ndarray, sample_ids: np.ndarray, max_per_query: int,

@@ -21,17 +21,20 @@ Unigrams run first; bigrams are counted in a second pass only between words that
 unigram threshold, so the bigram space is the vocabulary's, never the corpus's.
 Queries are deduplicated (first kind wins: unigram, bigram, title, synset), whitespace is
 collapsed, and entries that can never match under MetaCLIP's spacing (a , . ; : ? ! ` not
-between spaces, e.g. "U.S.") are dropped and counted.
+between spaces, e.g. "U.S.") are dropped and counted. The counts (`QueryStats`) travel inside the
+query list, as JSON in its Parquet key-value metadata: the columns are the contract's, and
+`QueryStats.read(OUT)` gets them back from a finished list.
 """
 from __future__ import annotations
 
 import functools
+import json
 import posixpath
 import re
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
@@ -54,6 +57,38 @@ KINDS = ("unigram", "bigram", "title", "synset")
 SCHEMA = pa.schema([("query", pa.string()), ("kind", pa.string()), ("count", pa.int64())])
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 CORPUS_FIX = "give UTF-8 text files (optionally compressed) or Parquet with a string text column"
+STATS_KEY = b"query_stats"  # the query list's Parquet metadata key holding QueryStats as JSON
+
+
+@dataclass(frozen=True)
+class QueryStats:
+    """What build_queries did: the queries of each kind, and the counts they came from."""
+
+    n_queries: int
+    kinds: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> candidates, added, duplicate, unmatchable
+    tokens: int = 0  # word tokens of the corpus: N of the PMI
+    empty_texts: int | None = None  # NULL or empty corpus texts skipped (None: no corpus given)
+    title_bad_lines: int | None = None  # title lines whose count is not a number (None: no titles given)
+
+    @property
+    def per_kind(self) -> dict[str, int]:
+        """Queries in the list, by kind."""
+        return {kind: s["added"] for kind, s in self.kinds.items()}
+
+    def to_dict(self) -> dict:
+        """The stats as JSON values (the counts of a source not given are left out)."""
+        d = {"tokens": self.tokens, "empty_texts": self.empty_texts, "title_bad_lines": self.title_bad_lines,
+             "kinds": self.kinds, "n_queries": self.n_queries}
+        return {k: v for k, v in d.items() if v is not None}
+
+    @classmethod
+    def read(cls, uri: str) -> QueryStats:
+        """The stats a query list written by build_queries carries; InputError for any other file."""
+        meta = parquet_metadata(uri, "give a query list that `clip-pipeline queries` wrote")
+        text = (meta.metadata or {}).get(STATS_KEY)
+        check(text is not None, uri, "holds no query stats: `clip-pipeline queries` did not write it",
+              "build the list with `clip-pipeline queries`, or do without its stats")
+        return cls(**json.loads(text))
 
 
 @dataclass(frozen=True)
@@ -224,7 +259,7 @@ def build_queries(corpus_uris: str | list[str], out_uri: str, *, min_count: int 
                   min_bigram_count: int | None = None, titles_uri: str | None = None, min_title_count: int = 70,
                   wordnet_dir: str | None = None, wordnet_lemmas: str = "all", text_column: str = "text",
                   partitions: int = 16, chunk_bytes: int = 64 << 20, max_keys: int = 1 << 20,
-                  executor: Executor | None = None) -> dict:
+                  executor: Executor | None = None) -> QueryStats:
     """Write the query list Parquet (query, kind, count) to out_uri; return its stats."""
     corpus_uris = [corpus_uris] if isinstance(corpus_uris, str) else list(corpus_uris)
     check_queries_options(min_count, min_pmi, min_bigram_count, min_title_count, wordnet_lemmas, partitions,
@@ -245,12 +280,12 @@ def build_queries(corpus_uris: str | list[str], out_uri: str, *, min_count: int 
     fs.makedirs(work_path, exist_ok=True)
     cfg = {"text_column": text_column, "partitions": partitions, "max_keys": max_keys,
            "vocab_uri": f"{work}/vocab.parquet"}
-    candidates, stats = {}, {"tokens": 0}
+    candidates, counts = {}, {"tokens": 0}
     try:
         if chunks:
             vocab, mapped = _count("unigram", chunks, work, min_count, cfg, executor)
-            stats["tokens"] = n_tokens = sum(m["tokens"] for m in mapped)
-            stats["empty_texts"] = sum(m["empty_texts"] for m in mapped)
+            counts["tokens"] = n_tokens = sum(m["tokens"] for m in mapped)
+            counts["empty_texts"] = sum(m["empty_texts"] for m in mapped)
             with fsspec.open(cfg["vocab_uri"], "wb") as f:
                 pq.write_table(vocab.select(["key", "count"]), f)
             floor = min_count if min_bigram_count is None else min_bigram_count
@@ -260,18 +295,18 @@ def build_queries(corpus_uris: str | list[str], out_uri: str, *, min_count: int 
             candidates["bigram"] = pairs.filter(pc.greater_equal(pairs["pmi"], min_pmi))
         if titles_uri:
             titles, mapped = _count("title", title_chunks, work, min_title_count, cfg, executor)
-            stats["title_bad_lines"] = sum(m["bad_lines"] for m in mapped)
+            counts["title_bad_lines"] = sum(m["bad_lines"] for m in mapped)
             candidates["title"] = titles.append_column("counted", pc.greater(titles["count"], 0))
         if wordnet_dir:
             candidates["synset"] = pa.table({"key": wordnet_queries(wordnet_dir, wordnet_lemmas)})
-        table, stats["kinds"] = _merge(candidates)
+        table, kinds = _merge(candidates)
     finally:
         fs.rm(work_path, recursive=True)
         if owned:
             executor.close()
-    with atomic_parquet(out_uri, SCHEMA) as writer:
+    stats = QueryStats(n_queries=len(table), kinds=kinds, **counts)
+    with atomic_parquet(out_uri, SCHEMA.with_metadata({STATS_KEY: json.dumps(stats.to_dict())})) as writer:
         writer.write_table(table)
-    stats["n_queries"] = len(table)
     return stats
 
 

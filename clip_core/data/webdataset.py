@@ -23,8 +23,9 @@ from collections.abc import Iterable, Iterator
 import fsspec
 
 from clip_core.data.parquet import atomic_open
-from clip_core.errors import InputError
+from clip_core.errors import InputError, check
 
+SHARDS_FIX = "pass a folder of WebDataset .tar shards"
 # what a cut or corrupt compressed or plain tar raises while it is streamed
 _READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError)
 
@@ -96,10 +97,27 @@ def _flush(fs, root: str, index: int, batch: list[dict]) -> str:
     return path
 
 
-def list_shards(uri: str, storage_options: dict | None = None) -> list[str]:
-    """The `*.tar` shards under `uri`, sorted, as full URIs."""
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm")  # a sample's image field, in order of preference
+
+
+def image_field(sample: dict) -> str | None:
+    """The field of a sample that holds its image (extension matched case-blind), or None."""
+    fields = {k.lower(): k for k in sample if k != "__key__"}
+    return next((fields[ext] for ext in IMAGE_EXTS if ext in fields), None)
+
+
+def list_shards(uri: str, storage_options: dict | None = None, *, where: str | None = None,
+                fix: str = SHARDS_FIX) -> list[str]:
+    """The `*.tar` shards under `uri`, sorted, as full URIs.
+
+    With `where` (how messages name the folder, e.g. "corpus URI"), a folder that is missing, is a
+    file or holds no shard is an InputError naming it, with `fix`; without, an empty folder is []."""
     fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    if where is not None:
+        check(not fs.isfile(root), where, "is a file, not a folder", fix)
+        check(fs.isdir(root), where, "no such folder", fix)
     names = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".tar"))
+    check(where is None or bool(names), where, "no .tar shards (empty corpus, or not a WebDataset folder?)", fix)
     return [fs.unstrip_protocol(p) for p in names]
 
 
@@ -118,6 +136,9 @@ class DamagedShardError(InputError):
         self.lost_key = lost_key  # the sample being read when the damage was found (dropped: it may lack fields)
         super().__init__(path, f"shard is {reason} after {samples_read} complete samples ({detail})",
                          "the file is incomplete or damaged: write or download it again")
+
+    def __reduce__(self):  # crosses a process (DataLoader worker, Ray task) with its own fields
+        return type(self), (self.path, self.samples_read, self.reason, self.detail, self.lost_key)
 
 
 class _Header(tarfile.TarInfo):

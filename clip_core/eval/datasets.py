@@ -31,14 +31,13 @@ from importlib import resources
 import fsspec
 from PIL import Image
 
-from clip_core.data.webdataset import iter_shard
+from clip_core.data.webdataset import IMAGE_EXTS, image_field, iter_shard
 from clip_core.errors import InputError
 from clip_core.transforms import load_image
 
 __all__ = ["EvalSet", "Sample", "load_eval_set", "iter_samples", "read_image", "read_images",
            "paper_prompts", "fill_template", "check_templates", "list_splits", "DEFAULT_TEMPLATES"]
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm")
 DEFAULT_TEMPLATES = ("a photo of a {c}.",)  # the paper's single default prompt
 _PLACEHOLDERS = ("{c}", "{}")
 # CLIP_benchmark dataset names whose paper name in clip_prompts.json differs beyond case/punctuation
@@ -203,7 +202,7 @@ def _captions(raw: dict, where: str) -> tuple[str, ...]:
 
 def _to_sample(raw: dict, index: int, where: str) -> Sample:
     key = raw["__key__"]
-    ext = next((e for e in IMAGE_EXTS if e in raw), None)
+    ext = image_field(raw)
     if ext is None:
         fields = sorted(k for k in raw if k != "__key__")
         raise ValueError(f"{where}: sample {key!r} has no image (fields: {fields})")

@@ -130,6 +130,19 @@ class ExtractStats:
             f["pairs_per_s"] = round(f["pairs_kept"] / f["seconds"], 1) if f["seconds"] else 0.0
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> ExtractStats:
+        """The stats of extract_stats.json's content (`to_dict`'s inverse; pairs_per_s is derived)."""
+        files = [FileStats(**{k: v for k, v in f.items() if k != "pairs_per_s"}) for f in d["files"]]
+        fixed = {k: v for k, v in d.items() if k not in ("files", "totals", "pairs_per_s")}
+        return cls(files=files, totals=FileStats(**d["totals"]), **fixed)
+
+    @classmethod
+    def read(cls, uri: str, storage_options: dict | None = None) -> ExtractStats:
+        """The stats of a finished extract: OUT/extract_stats.json, `uri` being OUT."""
+        with fsspec.open(f"{uri.rstrip('/')}/{STATS_NAME}", "r", **(storage_options or {})) as f:
+            return cls.from_dict(json.load(f))
+
 
 def pair_uid(url: str, caption: str) -> tuple[str, int]:
     """(uid, dedup key): 128-bit blake2b hex of url NUL caption, and its first 64 bits."""

@@ -1,9 +1,9 @@
 """Contrastive training of CLIP (Radford et al. 2021, Section 2.5), without orchestration.
 
 `build_training` assembles a model, AdamW, the warmup-cosine schedule, the (distributed)
-CLIP loss, the model-agnostic `Trainer` and this rank's shard stream from a `TrainConfig`;
-`restore_training` puts a checkpoint back into them. flows/train.py runs the same pieces
-under Ray Train; tests and notebooks run them in-process.
+CLIP loss, the model-agnostic `Trainer` and this rank's shard stream from a `TrainConfig`
+(the recipe); `restore_training` puts a checkpoint back into them. flows/train.py runs the
+same pieces under Ray Train with the run's settings; tests and notebooks run them in-process.
 """
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ from clip_core.loss import ClipLoss
 from clip_core.model import create_model
 from clip_core.train.checkpoint import load_train_state
 from clip_core.train.config import TrainConfig
-from clip_core.train.data import DataConfig, ShardLoader, load_excluded_keys
+from clip_core.train.data import DataConfig, DataStats, ShardLoader, load_excluded_keys
 from clip_core.train.loop import NonFiniteLossError, Trainer
 from clip_core.train.optim import WarmupCosine, build_optimizer, clamp_logit_scale, unwrap
 
-__all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "build_model_for", "build_training", "restore_training",
-           "data_config"]
+__all__ = ["TrainConfig", "DataStats", "Trainer", "NonFiniteLossError", "build_model_for", "build_training",
+           "restore_training", "data_config"]
 
 
 def build_model_for(cfg: TrainConfig) -> nn.Module:

@@ -1,32 +1,26 @@
-"""Training checkpoints: the model as released (safetensors, OpenAI names) plus the state to resume.
+"""Training checkpoints: the model as released plus the state to resume, and the callback that saves them.
 
-A checkpoint folder holds `model.safetensors` and `config.json` (readable by
-`clip_core.model.load_checkpoint`, like the weights CLIP (Radford et al. 2021) released) and
-`train_state.pt`: step, optimizer (AdamW moments), gradient scaler, schedule, the data
-position of every rank and the RNG states. Writes are atomic: the folder is built under a
-temporary name and renamed into place, so a crash leaves the previous checkpoint whole.
+A checkpoint folder (`step_NNNNNNNN`, laid out and written whole by clip_core.weights) holds
+`model.safetensors` and `config.json`, readable like the weights CLIP (Radford et al. 2021)
+released, and `train_state.pt`: step, optimizer (AdamW moments), gradient scaler, schedule,
+the data position of every rank and the RNG states. This module turns a Trainer into that
+state and back.
 """
 from __future__ import annotations
 
-import os
 import random
-import re
 import shutil
-import uuid
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 
-from clip_core.config import CLIPConfig
-from clip_core.errors import InputError
-from clip_core.model import load_state_dict, read_config, read_safetensors, read_torch_weights, save_checkpoint
 from clip_core.train.optim import unwrap
+from clip_core.weights import (MODEL_FILE, STATE_FILE, latest_checkpoint, load_state_dict, read_safetensors,
+                               read_train_state, step_folders, verify_checkpoint, write_checkpoint)
 
-STATE_FILE = "train_state.pt"
-STEP_DIR = re.compile(r"^step_(\d+)$")
+__all__ = ["STATE_FILE", "capture_rng", "restore_rng", "training_state", "save_train_state", "load_train_state",
+           "read_train_state", "verify_checkpoint", "step_folders", "latest_checkpoint", "CheckpointCallback"]
 
 
 def capture_rng() -> dict:
@@ -72,59 +66,8 @@ def training_state(trainer, data: dict | None = None, extra: dict | None = None)
 
 
 def save_train_state(folder: str | Path, trainer, data: dict | None = None, extra: dict | None = None) -> Path:
-    """Write model.safetensors, config.json and train_state.pt into `folder`, atomically."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        save_checkpoint(unwrap(trainer.model), tmp)
-        torch.save(training_state(trainer, data, extra), tmp / STATE_FILE)
-        _replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-
-def _replace(tmp: Path, folder: Path) -> None:
-    """Rename `tmp` to `folder`; an existing `folder` is moved aside first, then removed."""
-    old = None
-    if folder.exists():
-        old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def read_train_state(folder: str | Path) -> dict:
-    """The train_state.pt of a checkpoint folder (tensors on the CPU)."""
-    path = Path(folder) / STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no {STATE_FILE} in {folder}: not a training checkpoint")
-    return read_torch_weights(path)
-
-
-def verify_checkpoint(folder: str | Path) -> CLIPConfig:
-    """The model config of a whole checkpoint folder; InputError naming the damaged or missing file.
-
-    Cheap: reads the safetensors header (which must cover the file) and the zip directory of
-    train_state.pt (at its end, so a cut file has none), not the tensors.
-    """
-    folder = Path(folder)
-    fix = "resume from another checkpoint (--resume FOLDER), or start afresh with --resume never or a new OUT"
-    for name in ("config.json", "model.safetensors", STATE_FILE):
-        if not (folder / name).is_file():
-            raise InputError(str(folder), f"not a whole training checkpoint: no {name}", fix)
-    try:
-        with safe_open(str(folder / "model.safetensors"), "pt"):
-            pass
-    except SafetensorError as e:
-        raise InputError(str(folder / "model.safetensors"), f"truncated or not a safetensors file ({e})", fix) from None
-    try:
-        zipfile.ZipFile(folder / STATE_FILE).close()
-    except (zipfile.BadZipFile, OSError) as e:
-        raise InputError(str(folder / STATE_FILE), f"truncated or damaged ({e})", fix) from None
-    return read_config(folder / "config.json")
+    """Write model.safetensors, config.json and train_state.pt into `folder`, whole or not at all."""
+    return write_checkpoint(unwrap(trainer.model), folder, training_state(trainer, data, extra))
 
 
 def load_train_state(folder: str | Path, trainer, restore_rng_states: bool = True) -> dict:
@@ -132,7 +75,7 @@ def load_train_state(folder: str | Path, trainer, restore_rng_states: bool = Tru
     folder = Path(folder)
     state = read_train_state(folder)
     model = unwrap(trainer.model)
-    weights = read_safetensors(folder / "model.safetensors", device=str(next(model.parameters()).device))
+    weights = read_safetensors(folder / MODEL_FILE, device=str(next(model.parameters()).device))
     load_state_dict(model, weights)
     trainer.optimizer.load_state_dict(state["optimizer"])
     if trainer.scaler is not None and state["scaler"] is not None:
@@ -143,22 +86,6 @@ def load_train_state(folder: str | Path, trainer, restore_rng_states: bool = Tru
     if restore_rng_states:
         restore_rng(state["rng"])
     return state
-
-
-def step_folders(root: str | Path) -> list[Path]:
-    """Complete `step_N` checkpoint folders under `root`, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint folder under `root`, or None."""
-    folders = step_folders(root)
-    return folders[-1] if folders else None
 
 
 class CheckpointCallback:

@@ -13,9 +13,9 @@ import fsspec
 
 from clip_core.config import load_preset
 from clip_core.errors import InputError, check
-from clip_core.train.checkpoint import verify_checkpoint
 from clip_core.train.config import TrainConfig
 from clip_core.train.data import check_corpus, list_shards, load_excluded_keys
+from clip_core.weights import CONFIG_FILE, verify_checkpoint
 
 RESUME_FIX = "give a checkpoint folder (OUT/ray/NAME/step_N), --resume auto to continue OUT's run, " \
              "or --resume never to start afresh"
@@ -26,8 +26,11 @@ def _is_dir(uri: str) -> bool:
     return fs.isdir(path)
 
 
-def check_training_inputs(cfg: TrainConfig) -> list[str]:
-    """The corpus's shard URIs, once every input of `cfg` is known to be usable; raises InputError."""
+def check_training_inputs(cfg: TrainConfig, resume: str | None = None) -> list[str]:
+    """The corpus's shard URIs, once every input of `cfg` (and the checkpoint `resume` names) is usable.
+
+    Raises InputError naming the file, the field and the fix.
+    """
     cfg.total_steps  # --steps or --samples given
     list_shards(cfg.corpus)  # the corpus exists and has shards: the first thing a user gives
     missing = [p for p in cfg.eval if not _is_dir(p)]
@@ -35,10 +38,10 @@ def check_training_inputs(cfg: TrainConfig) -> list[str]:
           "`clip-pipeline web generate` or in CLIP_benchmark's layout")
     exclude = load_excluded_keys(cfg.exclude)
     urls = check_corpus(cfg.corpus, exclude=exclude, exclude_source=cfg.exclude)
-    if cfg.resume not in ("auto", "never"):
-        check("://" in cfg.resume or Path(cfg.resume).is_dir(), "--resume", f"{cfg.resume} does not exist", RESUME_FIX)
-        if "://" not in cfg.resume:
-            check_checkpoint_matches(cfg.resume, cfg)
+    if resume is not None:
+        check("://" in resume or Path(resume).is_dir(), "--resume", f"{resume} does not exist", RESUME_FIX)
+        if "://" not in resume:
+            check_checkpoint_matches(resume, cfg)
     return urls
 
 
@@ -69,6 +72,6 @@ def check_checkpoint_matches(folder: str | Path, cfg: TrainConfig) -> None:
         return
     diff = "; ".join(_differences(saved, wanted)[:4])
     size = f" --image-size {cfg.image_size}" if cfg.image_size else ""
-    raise InputError(str(Path(folder) / "config.json"), f"this checkpoint is of another model than --preset "
+    raise InputError(str(Path(folder) / CONFIG_FILE), f"this checkpoint is of another model than --preset "
                      f"{cfg.preset}{size} ({diff})", "train with the checkpoint's preset to continue it, or start "
                      "afresh with --resume never or a new OUT")

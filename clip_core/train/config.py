@@ -1,81 +1,75 @@
-"""Training options: one dataclass, filled from a JSON/YAML file and the command line.
+"""The training recipe: what is trained, on which data, and how it is optimised (a frozen config).
 
 The defaults follow CLIP (Radford et al. 2021, Section 2.5): AdamW with decoupled weight
 decay on weights only, linear warmup then cosine decay, mixed precision, gradient
-checkpointing, the similarity matrix sharded across workers (local loss). The CLI overrides
-the file, the file overrides the defaults. `batch_size` is global: it is split over
-`workers` and then over `accum_steps` micro-batches.
+checkpointing, the similarity matrix sharded across workers (local loss). `batch_size` is
+global: it is split over the run's workers and then over `accum_steps` micro-batches.
+
+Where and how a run executes (Ray, workers and their resources, storage, MLflow,
+checkpoints kept, resume) is not part of the recipe: flows/train.py's RunSettings holds it.
+A file of options (JSON or YAML) is read by `read_config_file`; the command line that fills
+both lives in flows/commands/train.py.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from clip_core.config import load_preset
+from clip_core.errors import check
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 
 
-def _absolute(path: str | None) -> str | None:
-    """A local path made absolute; URIs (s3://, file://) and empty values unchanged."""
+def absolute(path: str | None) -> str | None:
+    """A local path made absolute (Ray workers run in another folder); URIs and empty values unchanged."""
     if not path or "://" in path:
         return path
     return os.path.abspath(path)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    corpus: str = ""
-    output: str = ""
+    """The recipe: data, model, precision, optimisation, steps, seed, zero-shot sets watched while training."""
+
+    # data
+    corpus: str = ""  # WebDataset shards: a folder, glob or .tar (local, file://, s3://)
+    exclude: str | None = None  # keys to leave out: dedup's matches.parquet, or a text file
+    data_workers: int = 2  # DataLoader processes per worker (part of the stream layout)
+    shuffle_buffer: int = 1000
+    resampled: bool = False
+    # model and precision
     preset: str = "tiny"
     image_size: int | None = None  # override the preset's resolution (tests: 32 px)
+    precision: str = "bf16"
+    grad_checkpointing: bool = False
+    compile: bool = False
+    # optimisation
     steps: int | None = None
     samples: int | None = None
     batch_size: int = 256
+    accum_steps: int = 1
     lr: float = 5e-4
     warmup: int = 100
     weight_decay: float = 0.2
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
-    precision: str = "bf16"
-    grad_checkpointing: bool = False
-    accum_steps: int = 1
     local_loss: bool = True
-    compile: bool = False
     seed: int = 0
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
-    data_workers: int = 2
-    shuffle_buffer: int = 1000
-    resampled: bool = False
-    checkpoint_every: int = 500
-    num_to_keep: int = 3
-    max_failures: int = 0
-    resume: str = "auto"  # auto: continue this run's checkpoints; never: fresh; else a checkpoint folder
-    storage_path: str | None = None  # Ray's checkpoints; default OUT/ray
-    name: str = "clip-train"
-    ray_address: str | None = None
-    mlflow_uri: str | None = None  # default MLFLOW_TRACKING_URI or sqlite:///OUT/mlflow.db
-    experiment: str = "clip"
-    mlflow_parent_run_id: str | None = None  # nest the run under a pipeline run
-    log_every: int = 10
-    eval: list[str] = field(default_factory=list)
-    exclude: str | None = None  # keys to leave out: dedup's matches.parquet, or a text file
+    # zero-shot accuracy during training
+    eval: tuple[str, ...] = ()
     eval_every: int = 0  # 0: only at the end
-    peak_tflops: float | None = None  # per device, for MFU
 
     def __post_init__(self):
-        self.betas = tuple(self.betas)
-        # Ray workers run in their own working directory: local paths must be absolute
-        for name in ("corpus", "output", "exclude", "storage_path"):
-            setattr(self, name, _absolute(getattr(self, name)))
-        self.eval = [_absolute(e) for e in self.eval or []]
+        set_ = object.__setattr__  # frozen: normalise once, here
+        set_(self, "betas", tuple(self.betas))
+        set_(self, "eval", tuple(absolute(e) for e in self.eval or ()))
+        for name in ("corpus", "exclude"):
+            set_(self, name, absolute(getattr(self, name)))
         self.validate()
 
     def validate(self) -> None:
@@ -83,14 +77,18 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         load_preset(self.preset)  # unknown presets raise, listing the known ones
-        for name in ("batch_size", "workers", "accum_steps", "checkpoint_every", "log_every"):
+        for name in ("batch_size", "accum_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size % (self.workers * self.accum_steps):
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by workers x accum_steps "
-                             f"= {self.workers} x {self.accum_steps}")
         if self.steps is not None and self.steps < 1 or self.samples is not None and self.samples < 1:
             raise ValueError("steps and samples must be >= 1")
+
+    def check_workers(self, workers: int) -> None:
+        """InputError unless the global batch splits evenly over `workers` x `accum_steps` micro-batches."""
+        check(workers >= 1, "--workers", f"must be >= 1, got {workers}")
+        check(self.batch_size % (workers * self.accum_steps) == 0, "--batch-size",
+              f"batch_size {self.batch_size} is not divisible by workers x accum_steps = {workers} x "
+              f"{self.accum_steps}", "give a global batch size that is a multiple of --workers x --accum-steps")
 
     @property
     def total_steps(self) -> int:
@@ -101,19 +99,23 @@ class TrainConfig:
             return math.ceil(self.samples / self.batch_size)
         raise ValueError("give --steps or --samples")
 
-    @property
-    def batch_per_worker(self) -> int:
-        return self.batch_size // self.workers
+    def replace(self, **changes) -> TrainConfig:
+        """A copy with some options changed (validated again)."""
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain values (lists, not tuples, for the eval sets), as they cross to Ray workers and into MLflow."""
+        return {**dataclasses.asdict(self), "eval": list(self.eval)}
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        """Build from a dict; unknown keys raise."""
+        """Build from a dict (dashes or underscores); unknown keys raise."""
         d = {k.replace("-", "_"): v for k, v in d.items()}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - cls.field_names())
         if unknown:
             raise ValueError(f"unknown training options: {unknown}")
         return cls(**d)
@@ -137,65 +139,4 @@ def read_config_file(path: str) -> dict:
         data = json.loads(p.read_text())
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of options, got {type(data).__name__}")
-    return data
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of `clip-pipeline train CORPUS OUT`; unset options keep file/default values."""
-    S = argparse.SUPPRESS
-    opt = parser.add_argument
-    opt("corpus", help="WebDataset shards: a folder, glob or .tar (local, file://, s3://)")
-    opt("output", help="output folder: final model, metrics, mlflow.db, Ray checkpoints")
-    opt("--config", default=None, help="JSON/YAML file with the same keys; the command line wins")
-    opt("--preset", default=S, help="model preset (see `clip-pipeline models`)")
-    opt("--image-size", type=int, default=S, help="override the preset's image resolution")
-    opt("--steps", type=int, default=S, help="optimizer steps")
-    opt("--samples", type=int, default=S, help="samples seen in all (instead of --steps)")
-    opt("--batch-size", type=int, default=S, help="global batch size (all workers, all micro-batches)")
-    opt("--lr", type=float, default=S)
-    opt("--warmup", type=int, default=S, help="linear warmup steps before the cosine decay")
-    opt("--weight-decay", type=float, default=S)
-    opt("--precision", choices=PRECISIONS, default=S)
-    opt("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=S)
-    opt("--accum-steps", type=int, default=S, help="micro-batches per step; every negative is kept")
-    opt("--local-loss", action=argparse.BooleanOptionalAction, default=S,
-        help="each worker scores its own rows against all gathered features")
-    opt("--compile", action=argparse.BooleanOptionalAction, default=S, help="torch.compile the model")
-    opt("--seed", type=int, default=S)
-    opt("--workers", type=int, default=S, help="Ray Train workers (data-parallel ranks)")
-    opt("--gpus-per-worker", type=float, default=S)
-    opt("--cpus-per-worker", type=float, default=S, help="logical CPUs per worker (0.5 on a laptop)")
-    opt("--data-workers", type=int, default=S, help="DataLoader processes per worker")
-    opt("--shuffle-buffer", type=int, default=S)
-    opt("--resampled", action=argparse.BooleanOptionalAction, default=S,
-        help="draw shards with replacement (virtual epochs)")
-    opt("--checkpoint-every", type=int, default=S, help="steps between checkpoints")
-    opt("--num-to-keep", type=int, default=S, help="checkpoints Ray keeps")
-    opt("--max-failures", type=int, default=S, help="worker failures Ray recovers from")
-    opt("--resume", default=S, help="auto (continue this run), never, or a checkpoint folder")
-    opt("--storage-path", default=S, help="Ray storage for checkpoints (local or s3://); default OUT/ray")
-    opt("--name", default=S, help="run name under the storage path")
-    opt("--ray-address", default=S, help="Ray cluster address; default RAY_ADDRESS or a local cluster")
-    opt("--mlflow-uri", default=S, help="tracking URI; default MLFLOW_TRACKING_URI or sqlite:///OUT/mlflow.db")
-    opt("--experiment", default=S, help="MLflow experiment name")
-    opt("--log-every", type=int, default=S)
-    opt("--exclude", default=S, metavar="KEYS",
-        help="leave these samples out: dedup's matches.parquet (column key) or a text file of keys")
-    opt("--eval", nargs="+", default=S, metavar="EVALDIR", help="eval sets for periodic zero-shot accuracy")
-    opt("--eval-every", type=int, default=S, help="steps between zero-shot evaluations (0: at the end)")
-    opt("--peak-tflops", type=float, default=S, help="peak FLOP/s per device (TFLOP/s) for MFU")
-    return parser
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """TrainConfig from parsed arguments: file first, then what was given on the command line."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {k: v for k, v in vars(args).items() if k in fields}  # other parsers' options are not ours
-    return TrainConfig.from_sources(getattr(args, "config", None), **given)
-
-
-def run_train_command(args: argparse.Namespace) -> int:
-    """Transition shim: the handler lives in flows.train; remove once flows/cli.py registers it from there."""
-    from flows.train import run_train_command as run
-
-    return run(args)
+    return {k.replace("-", "_"): v for k, v in data.items()}

@@ -2,7 +2,9 @@
 
 CLIP (Radford et al. 2021), Section 2.2 trains on image-text pairs from the web; here they
 come as img2dataset's shards (`NNNNN.tar` with KEY.jpg, KEY.txt, KEY.json) from any fsspec
-URI, read with tarfile, decoded and cropped in DataLoader worker processes.
+URI, read by clip_core.data.webdataset (the reader, and the sample key, that dedup and
+evaluation use too, so the keys `--exclude` names are the keys read here), decoded and cropped
+in DataLoader worker processes.
 
 Position. Streams: one per (rank, DataLoader worker), S in all. Units: the shards, each cut
 into M interleaved slices when there are fewer shards than streams. Epoch e permutes the
@@ -18,30 +20,31 @@ start where the run stopped. Crops are seeded per sample, so a resume is exact.
 
 Nothing is dropped uncounted: excluded keys, samples without image or caption, undecodable
 ones and the samples a truncated tar lost (from img2dataset's listing beside it when there
-is one, else the sample being read) are counted by reason. Nothing loops unbounded: a stream
-that reads a whole epoch's share of units without one usable sample stops with an error
-naming the cause (for instance an --exclude file that excludes everything).
+is one, else the sample being read) are counted by reason (`DataStats`). Nothing loops
+unbounded: a stream that reads a whole epoch's share of units without one usable sample
+stops with an error naming the cause (for instance an --exclude file that excludes everything).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import posixpath
 import random
-import tarfile
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import fsspec
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from clip_core.data.webdataset import IMAGE_EXTS, DamagedShardError, image_field, iter_shard
+from clip_core.data.webdataset import list_shards as shard_files
 from clip_core.errors import InputError
 from clip_core.tokenizer import tokenize
 from clip_core.transforms import ImageDecodeError, image_transform, load_image
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXT = "txt"
 MAX_CONSECUTIVE_SKIPS = 10_000
 SKIP_REASONS = ("incomplete", "undecodable", "truncated")  # no image or caption; bytes that do not decode; lost tar
@@ -53,10 +56,6 @@ class CorpusError(InputError):
 
     def __reduce__(self):  # picklable: it crosses DataLoader and Ray worker processes
         return type(self), (self.where, self.problem, self.fix)
-
-
-class TruncatedShardError(tarfile.ReadError):
-    """A tar that ends without its end-of-archive blocks: cut at a member boundary."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +73,20 @@ class DataConfig:
     pin_memory: bool = False
     exclude: frozenset = frozenset()  # sample keys left out (dedup's matches: near-copies of eval images)
     exclude_source: str | None = None  # the file `exclude` came from, for messages
+
+
+@dataclass(frozen=True)
+class DataStats:
+    """Samples a rank's streams decoded, skipped (by reason) and excluded, and the lowest epoch reached."""
+
+    good: int = 0
+    skipped: int = 0
+    skip_reasons: dict = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+    excluded: int = 0
+    epoch: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def load_excluded_keys(uri: str | None) -> frozenset:
@@ -106,46 +119,28 @@ def load_excluded_keys(uri: str | None) -> frozenset:
 
 
 def list_shards(uri: str, storage_options: dict | None = None) -> list[str]:
-    """The `.tar` shards of a folder, glob or single file, sorted, as full URIs."""
+    """The `.tar` shards of a corpus folder, glob or single file, sorted, as full URIs; CorpusError if none."""
     fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     if any(c in path for c in "*?["):
-        paths = fs.glob(path)
-    elif path.endswith(".tar"):
-        paths = [path] if fs.isfile(path) else []
-    elif fs.isdir(path):
-        paths = fs.glob(posixpath.join(path, "*.tar"))
+        urls = [fs.unstrip_protocol(p) for p in sorted(fs.glob(path)) if p.endswith(".tar")]
+    elif fs.isdir(path) or path.endswith(".tar") and fs.isfile(path):
+        urls = shard_files(uri, storage_options)
     else:
         raise CorpusError(uri, "corpus does not exist", "give the folder of .tar shards that `clip-pipeline crawl` wrote")
-    paths = sorted(p for p in paths if p.endswith(".tar"))
-    if not paths:
+    if not urls:
         raise CorpusError(uri, "no .tar shards in the corpus", "give the folder that `clip-pipeline crawl` wrote")
-    return [fs.unstrip_protocol(p) for p in paths]
+    return urls
 
 
 def iter_samples(url: str) -> Iterator[tuple[str, dict]]:
-    """(key, {ext: bytes}) of one shard in order; members grouped by the name before the first dot.
+    """(key, {ext: bytes}) of one shard in order (clip_core.data.webdataset); extensions lower-cased.
 
-    A tar cut inside a member raises tarfile.ReadError; one cut at a member boundary (no
-    end-of-archive blocks) raises TruncatedShardError before its last, possibly partial, sample.
+    A truncated or corrupt shard yields its complete samples, then raises DamagedShardError.
     """
-    key, sample = None, {}
-    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        for member in tar:
-            folder, base = posixpath.split(member.name)
-            if not member.isfile() or base.startswith("."):
-                continue
-            stem, _, ext = base.partition(".")
-            name = posixpath.join(folder, stem)
-            if name != key and sample:
-                yield key, sample
-                sample = {}
-            key = name
-            sample[ext.lower()] = tar.extractfile(member).read()
-        size = getattr(f, "size", None)
-        if getattr(tar.fileobj, "comptype", "tar") == "tar" and size is not None and size < tar.offset + tarfile.BLOCKSIZE:
-            raise TruncatedShardError(f"no end-of-archive marker after byte {tar.offset}")
-    if sample:
-        yield key, sample
+    fs, path = fsspec.core.url_to_fs(url)
+    for sample in iter_shard(fs, path, decode=False):
+        key = sample.pop("__key__")
+        yield key, {ext.lower(): data for ext, data in sample.items()}
 
 
 def check_corpus(uri: str, max_shards: int = 8, exclude: frozenset = frozenset(),
@@ -159,11 +154,11 @@ def check_corpus(uri: str, max_shards: int = 8, exclude: frozenset = frozenset()
     for url in urls[:max_shards]:
         try:
             for key, sample in iter_samples(url):
-                if any(ext in sample for ext in IMAGE_EXTS):
+                if image_field(sample):
                     if key not in exclude:
                         return urls
                     excluded += 1
-        except (tarfile.TarError, EOFError):
+        except DamagedShardError:
             continue  # training counts what a damaged shard lost; the next shard may be whole
     checked = f"the first {min(len(urls), max_shards)} of {len(urls)} shards"
     if excluded:
@@ -198,17 +193,15 @@ def _lost(url: str, read: int, m: int, slices: int) -> int:
 def _read_unit(url: str, m: int, slices: int, skip: int = 0,
                on_lost: Callable[[int], None] = lambda n: None) -> Iterator[tuple[int, str, dict]]:
     """(index, key, sample) of slice m of a shard, from index `skip`; a truncated tar ends, its loss reported."""
-    read = 0
     try:
         for j, (key, sample) in enumerate(iter_samples(url)):
-            read = j + 1
             if j % slices == m and j // slices >= skip:
                 yield j // slices, key, sample
-    except (tarfile.TarError, EOFError) as e:  # deterministic: a resume stops at the same place
-        lost = _lost(url, read, m, slices)
+    except DamagedShardError as e:  # deterministic: a resume stops at the same place
+        lost = _lost(url, e.samples_read, m, slices)
         on_lost(lost)
-        warnings.warn(f"shard {url} is truncated or corrupt ({e}); {lost} samples of it lost (counted as skipped: "
-                      f"truncated)")
+        warnings.warn(f"shard {url} is truncated or corrupt ({e.reason} after {e.samples_read} complete samples: "
+                      f"{e.detail}); {lost} samples of it lost (counted as skipped: truncated)")
 
 
 def _seed(*parts) -> int:
@@ -329,7 +322,7 @@ class _Stream:
 
     def _decode(self, key: str, sample: dict, seed: int) -> tuple[tuple | None, str | None]:
         """((key, image, caption), None), or (None, the reason it is skipped)."""
-        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        ext = image_field(sample)
         if ext is None or TEXT_EXT not in sample:
             return None, "incomplete"
         try:
@@ -408,10 +401,10 @@ class ShardLoader:
             raise ValueError(f"data position saved for {state['layout']}, this loader is {self.layout()}")
         self.batches, self.states = state["batches"], dict(state["streams"])
 
-    def stats(self) -> dict:
+    def stats(self) -> DataStats:
         """Samples decoded, skipped (by reason) and excluded, and the lowest epoch, over this rank's streams."""
         states = self.states.values()
         reasons = {r: sum(s.get("skip_reasons", {}).get(r, 0) for s in states) for r in SKIP_REASONS}
-        return {"good": sum(s["good"] for s in states), "skipped": sum(s["skipped"] for s in states),
-                "skip_reasons": reasons, "excluded": sum(s.get("excluded", 0) for s in states),
-                "epoch": min((s["epoch"] for s in states), default=0)}
+        return DataStats(good=sum(s["good"] for s in states), skipped=sum(s["skipped"] for s in states),
+                         skip_reasons=reasons, excluded=sum(s.get("excluded", 0) for s in states),
+                         epoch=min((s["epoch"] for s in states), default=0))

@@ -96,8 +96,8 @@ def run_queries_command(args: argparse.Namespace) -> int:
                               min_bigram_count=args.min_bigram_count, titles_uri=args.titles,
                               min_title_count=args.min_title_count, wordnet_dir=args.wordnet,
                               wordnet_lemmas=args.wordnet_lemmas, text_column=args.text_column, executor=executor)
-    print(json.dumps(stats))
-    if not stats["n_queries"]:
+    print(json.dumps(stats.to_dict()))
+    if not stats.n_queries:
         print(f"clip-pipeline queries: warning: {args.out} holds no query (nothing reached the floors): "
               "curate will refuse it; lower --min-count / --min-title-count or add sources", file=sys.stderr)
     return 0
@@ -128,7 +128,9 @@ def run_curate_command(args: argparse.Namespace) -> int:
         stats = curate(args.pairs, args.queries, args.out, max_per_query=args.max_per_query,
                        target_size=args.target_size, seed=args.seed, case_sensitive=not args.case_insensitive,
                        executor=executor, shard_rows=args.shard_rows)
-    print(json.dumps({"t": stats["t"], **stats["totals"], "skipped": stats["skipped"], "out": args.out}))
+    print(json.dumps({"t": stats.t, "input_rows": stats.input_rows, "matched": stats.matched, "kept": stats.kept,
+                      "expected_kept": stats.expected_kept, "sample_rate": stats.sample_rate,
+                      "estimated_kept": stats.estimated_kept, "skipped": stats.skipped, "out": args.out}))
     return 0
 
 

@@ -91,9 +91,9 @@ def _batch_size(value: int | None, default: int) -> int:
     return default if value is None else value
 
 
-def _warn_damaged(stats: dict) -> None:
-    """One stderr line per truncated or corrupt shard: its samples are lost, and counted."""
-    for d in stats.get("damaged_shards", []):
+def _warn_damaged(stats) -> None:
+    """One stderr line per truncated or corrupt shard of a DedupStats: its samples are lost, and counted."""
+    for d in stats.damaged_shards:
         lost = d["samples_lost"] if d["samples_lost"] is not None else "an unknown number of"
         print(f"clip-pipeline dedup: warning: shard {d['shard']} is {d['reason']}: read {d['samples_read']} "
               f"samples, {lost} lost ({d['error']})", file=sys.stderr)
@@ -113,10 +113,10 @@ def run_dedup_command(args: argparse.Namespace) -> int:
                   batch_size=_batch_size(args.batch_size, 128), k=args.k, device=args.device, seed=args.seed,
                   sheet_size=args.sheet_size)
     _warn_damaged(stats)
-    summary = {"corpus_images": stats["corpus_images"], "unreadable": stats["unreadable"],
-               "dropped": stats["dropped"], "removed": stats["removed"], "kept": stats["kept"],
-               "eval_sets": {name: {k: s[k] for k in ("matches", "overlap", "thresholds")}
-                             for name, s in stats["eval_sets"].items()}}
+    summary = {"corpus_images": stats.corpus_images, "unreadable": stats.unreadable, "dropped": stats.dropped,
+               "removed": stats.removed, "kept": stats.kept,
+               "eval_sets": {name: {"matches": s.matches, "overlap": s.overlap, "thresholds": s.thresholds}
+                             for name, s in stats.eval_sets.items()}}
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -124,7 +124,8 @@ def run_dedup_command(args: argparse.Namespace) -> int:
 def _training_images(uri: str, limit: int) -> list[bytes]:
     """Image bytes from a folder of WebDataset shards or of image files."""
     import fsspec
-    from dedup.near_dup import IMAGE_EXTS, iter_shard_images
+    from clip_core.data.webdataset import IMAGE_EXTS
+    from dedup.near_dup import iter_shard_images
     fs, root = fsspec.core.url_to_fs(uri)
     paths = sorted(fs.find(root))
     out = []

@@ -50,7 +50,10 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
 
         run_id = log_results_to_mlflow(records, args.out, tracking_uri=args.mlflow_uri, run_id=args.mlflow_run_id,
                                        experiment=args.mlflow_experiment)
-        print(f"logged to MLflow run {run_id}")
+        if run_id:
+            print(f"logged to MLflow run {run_id}")
+        else:  # the tracker has warned: the results are in OUT all the same
+            print(f"not logged to MLflow (tracking server unreachable); the results are in {args.out}")
     return 0
 
 
