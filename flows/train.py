@@ -52,7 +52,7 @@ from clip_core.train.checks import RESUME_FIX, check_checkpoint_matches, check_t
 from clip_core.train.config import absolute
 from clip_core.train.loop import NonFiniteLossError
 from clip_core.train.optim import unwrap
-from clip_core.weights import export_model
+from clip_core.weights import export_model, latest_checkpoint
 from flows.common import loopback_ray
 from flows.tracking import (MetricsCallback, Tracker, ZeroShotEval, corpus_tags, default_tracking_uri,
                             flops_per_sample, git_commit, peak_flops)
@@ -388,11 +388,27 @@ def _checked(cfg: TrainConfig, run: RunSettings) -> tuple[RunSettings, list[str]
     if output.exists() and not output.is_dir():
         raise InputError(str(output), "OUT is a file, not a folder", "give a folder for the training's outputs")
     cfg.check_workers(run.workers)
-    run = dataclasses.replace(run, output=str(output), storage_path=run.storage_path or str(output / "ray"))
+    run = _auto_resume(dataclasses.replace(run, output=str(output), storage_path=run.storage_path or str(output / "ray")))
     urls = check_training_inputs(cfg, run.resume_from)
     _check_ray_checkpoint(cfg, run)
     output.mkdir(parents=True, exist_ok=True)
     return run, urls
+
+
+def _auto_resume(run: RunSettings) -> RunSettings:
+    """--resume auto after a kill that came before Ray recorded the run: its newest whole step folder.
+
+    Ray Train resumes from its snapshot (checkpoint_manager_snapshot.json); a driver killed right
+    after a checkpoint was written can leave the folder without the record, and finished work
+    must not be lost, so that folder is resumed as if named with --resume PATH (local storage).
+    """
+    if run.resume != "auto" or "://" in run.storage_path:
+        return run
+    folder = Path(run.storage_path) / run.name
+    if (folder / "checkpoint_manager_snapshot.json").exists():
+        return run  # Ray resumes from its own record
+    latest = latest_checkpoint(folder)
+    return dataclasses.replace(run, resume=str(latest)) if latest else run
 
 
 def _ray_checkpoint(run: RunSettings) -> Path | None:

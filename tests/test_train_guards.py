@@ -319,3 +319,22 @@ def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path):
 
     callback.on_train_start(Resumed())
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+def test_auto_resume_without_rays_record_takes_the_newest_whole_checkpoint(tmp_path):
+    """A driver killed right after a checkpoint, before Ray recorded it: --resume auto still continues."""
+    from clip_core.model import create_model
+    from clip_core.weights import write_checkpoint
+    from flows.train import RunSettings, _auto_resume
+
+    run_dir = tmp_path / "ray" / "clip-train"
+    model = create_model("tiny")
+    for step in (2, 4):
+        write_checkpoint(model, run_dir / f"step_{step:08d}", {"step": step})
+    (run_dir / "step_00000006").mkdir()  # one being written when the kill came: not whole
+    run = RunSettings(output=str(tmp_path), storage_path=str(tmp_path / "ray"), name="clip-train")
+    assert _auto_resume(run).resume == str(run_dir / "step_00000004")
+    (run_dir / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray's record: Ray decides
+    assert _auto_resume(run).resume == "auto"
+    assert _auto_resume(RunSettings(output=str(tmp_path), storage_path=str(tmp_path / "ray"), name="clip-train",
+                                    resume="never")).resume == "never"
