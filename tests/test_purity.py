@@ -59,3 +59,34 @@ def test_checker_sees_every_kind_of_import(tmp_path):
                    "def g():\n    import importlib\n    return importlib.import_module('synthweb.server')\n"
                    "HELP = 'see flows/cli.py'\n")
     assert imported_roots(bad) & FORBIDDEN["clip_core"] == {"ray", "mlflow", "flows", "synthweb"}
+
+
+def _import_graph_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("import_graph", ROOT / "scripts" / "import_graph.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_no_import_circles_and_no_arrow_up_into_flows():
+    graph_tool = _import_graph_module()
+    graph = graph_tool.import_graph(ROOT)
+    assert graph_tool.circles(graph) == []
+    up = {(a, b) for a, targets in graph.items() for b in targets
+          if a.split(".")[0] in ("clip_core", "dedup") and b.startswith("flows")}
+    assert up == set()
+
+
+def test_the_circle_finder_finds_a_planted_circle(tmp_path):
+    graph_tool = _import_graph_module()
+    (tmp_path / "clip_core" / "train").mkdir(parents=True)
+    (tmp_path / "flows").mkdir()
+    (tmp_path / "clip_core" / "__init__.py").write_text("")
+    (tmp_path / "clip_core" / "train" / "__init__.py").write_text("from clip_core.train.config import X\n")
+    (tmp_path / "clip_core" / "train" / "config.py").write_text("def f():\n    from flows.train import train\n")
+    (tmp_path / "flows" / "__init__.py").write_text("")
+    (tmp_path / "flows" / "train.py").write_text("import clip_core.train\nimport clip_core\n")
+    graph = graph_tool.import_graph(tmp_path)
+    assert graph_tool.circles(graph) == [["clip_core.train", "clip_core.train.config", "flows.train"]]
