@@ -5,13 +5,20 @@ protocol), so its output does not depend on where the work ran or on the worker 
 `LocalExecutor` is the local one; flows/executors.py's RayExecutor runs the same top-level
 function as Ray tasks. fn and the items cross to worker processes by pickle: fn must be a
 top-level function, and an `InputError` raised in a worker reaches the caller whole.
+
+Where the work ran: an executor's `node_id` is a top-level function that, called in a worker,
+names the node it runs on (LocalExecutor: the host name; RayExecutor: the Ray node id).
+`map_counting_nodes` wraps fn with it, so a stage's stats can say which node ran how many items
+without the library knowing what a cluster is.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import multiprocessing
 import os
-from collections import deque
+import socket
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Protocol, TypeVar, runtime_checkable
@@ -29,6 +36,36 @@ class Executor(Protocol):
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterable[R]:
         """fn over items; results in item order."""
         ...
+
+    @staticmethod
+    def node_id() -> str:
+        """Called in a worker: the name of the node it runs on."""
+        ...
+
+
+def host_name() -> str:
+    """This machine's name: the node of every item a local executor runs."""
+    return socket.gethostname()
+
+
+class _Located:
+    """fn(item) with the node it ran on: (node, result). Picklable when fn and node_id are."""
+
+    def __init__(self, fn: Callable, node_id: Callable[[], str]):
+        self.fn, self.node_id = fn, node_id
+        functools.update_wrapper(self, fn)  # an executor that looks at fn.__name__ sees the stage's function
+
+    def __call__(self, item):
+        return self.node_id(), self.fn(item)
+
+
+def map_counting_nodes(executor: Executor, fn: Callable[[T], R], items: Iterable[T],
+                       nodes: Counter) -> Iterator[R]:
+    """executor.map(fn, items)'s results in item order, adding 1 to nodes[node] per item where it ran."""
+    node_id = getattr(executor, "node_id", host_name)  # an executor without one: the worker's host name
+    for node, result in executor.map(_Located(fn, node_id), items):
+        nodes[node] += 1
+        yield result
 
 
 class LocalExecutor:
@@ -50,6 +87,8 @@ class LocalExecutor:
         self.workers = workers or os.cpu_count() or 1
         self.window = window or 2 * self.workers
         self._pool: ProcessPoolExecutor | None = None
+
+    node_id = staticmethod(host_name)  # every worker runs on this host
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
         """fn over items; results in item order, computed as they are consumed."""

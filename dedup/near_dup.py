@@ -22,6 +22,7 @@ import heapq
 import json
 import posixpath
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -35,7 +36,7 @@ from clip_core.data.staging import StagedOutput
 from clip_core.data.webdataset import DamagedShardError, image_field, iter_shard, list_shards
 from clip_core.errors import InputError
 from clip_core.eval.features import batched
-from clip_core.executors import Executor, LocalExecutor
+from clip_core.executors import Executor, LocalExecutor, map_counting_nodes
 from dedup.calibrate import calibrate_reference
 from dedup.checks import CORPUS_FIX, check_dedup_options
 from dedup.descriptors import decode_all, encode, make_descriptors
@@ -87,6 +88,7 @@ class DedupStats:
     eval_sets: dict[str, EvalSetStats]
     seconds: float = 0.0
     outputs: list[str] = field(default_factory=list)  # the files of OUT this run wrote, the stats last
+    nodes: dict[str, int] = field(default_factory=dict)  # node (host name or Ray node id) -> shards checked there
 
     @property
     def overlap_pct(self) -> dict[str, float]:
@@ -337,13 +339,15 @@ def dedup(corpus_uri: str, out_uri: str, eval_dirs: Sequence[str], *, descriptor
                             calibration_samples=calibration_samples, batch_size=batch_size, device=device, seed=seed)
     per_shard = functools.partial(dedup_shard, refs=refs, descriptors=descriptors, batch_size=batch_size, k=k,
                                   device=device, sheet_size=sheet_size, storage_options=storage_options)
-    results = list((executor or LocalExecutor(1)).map(per_shard, shards))
+    nodes = Counter()
+    results = list(map_counting_nodes(executor or LocalExecutor(1), per_shard, shards, nodes))
     config = {"corpus": str(corpus_uri), "descriptor": descriptor, "descriptors": [d.name for d in descriptors],
               "precision_target": precision, "splits": list(splits), "k": k, "seed": seed}
     with output:
         counts = write_outputs(output.uri, results, refs, config, sheet_size, storage_options)
         written = [n for n in OUTPUT_NAMES if output.fs.exists(posixpath.join(output.path, n))]
-        stats = DedupStats(**counts, seconds=round(time.time() - t0, 2), outputs=written + [STATS_NAME])
+        stats = DedupStats(**counts, seconds=round(time.time() - t0, 2), outputs=written + [STATS_NAME],
+                           nodes=dict(nodes))
         write_json(output.fs, posixpath.join(output.path, STATS_NAME), stats.to_dict())
         output.commit()  # the stats file last: its presence marks a complete result
     return stats

@@ -4,7 +4,9 @@ The library only asks for an object with `map(fn, items) -> list` (results in it
 `clip_core.executors.LocalExecutor` is the process-pool one (the `Executor` protocol). Here the same top-level
 function becomes a Ray task per item, so a shard's work runs wherever the cluster has a CPU.
 Ray worker processes are reused across tasks, so the per-process matcher cache still pays
-its build once per worker.
+its build once per worker. fn is put in the object store once per map (dedup's carries the
+eval index and the descriptors), and tasks are spread over the nodes ("SPREAD") so that a
+cluster's every node takes a share; `node_id` names the Ray node a task ran on.
 """
 from __future__ import annotations
 
@@ -16,13 +18,25 @@ import ray
 from flows.common import loopback_ray
 
 
+def ray_node_id() -> str:
+    """Called in a Ray task: the id of the node it runs on."""
+    return ray.get_runtime_context().get_node_id()
+
+
+def _apply(fn, item):
+    """The Ray task: fn (resolved from the object store) on one item."""
+    return fn(item)
+
+
 class RayExecutor:
     """map(fn, items) as one Ray task per item on the cluster at `address` (or a local one)."""
 
+    node_id = staticmethod(ray_node_id)
+
     def __init__(self, address: str | None = None, num_cpus: int | None = None, cpus_per_task: float = 1.0,
-                 max_in_flight: int | None = None, **init_kwargs):
+                 max_in_flight: int | None = None, scheduling_strategy: str | None = "SPREAD", **init_kwargs):
         self.address, self.num_cpus, self.cpus_per_task = address, num_cpus, cpus_per_task
-        self.max_in_flight, self.init_kwargs = max_in_flight, init_kwargs
+        self.max_in_flight, self.scheduling_strategy, self.init_kwargs = max_in_flight, scheduling_strategy, init_kwargs
         self._started, self._temp_dir = False, None
 
     def _connect(self) -> None:
@@ -41,12 +55,15 @@ class RayExecutor:
     def map(self, fn, items) -> list:
         """fn over items as Ray tasks; results in item order; at most max_in_flight pending."""
         self._connect()
-        task = ray.remote(num_cpus=self.cpus_per_task)(fn)
-        refs, pending = [], []
+        options = {"num_cpus": self.cpus_per_task}
+        if self.scheduling_strategy:
+            options["scheduling_strategy"] = self.scheduling_strategy
+        task = ray.remote(_apply).options(**options)
+        fn_ref, refs, pending = ray.put(fn), [], []  # fn crosses once, not once per item
         for item in items:
             if self.max_in_flight and len(pending) >= self.max_in_flight:
                 _, pending = ray.wait(pending, num_returns=1)  # bound the driver's queued work
-            refs.append(task.remote(item))
+            refs.append(task.remote(fn_ref, item))
             pending.append(refs[-1])
         return ray.get(refs)
 

@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import shutil
+import socket
 import tempfile
 
 import numpy as np
@@ -89,7 +90,8 @@ def test_stats_read_back_equal_what_curate_returned(setup):
         assert CurationStats.read(str(tmp / out)) == stats and stats.to_dict() == saved
         assert json.dumps(stats.to_dict(), indent=2) == (tmp / out / "curation_stats.json").read_text()
         assert list(saved) == ["t", "seed", "case_sensitive", "max_chars", "max_per_query", "target_size", "queries",
-                               "totals", "skipped", "repaired", "shards", "parts", "files", "top_queries"]
+                               "totals", "skipped", "repaired", "shards", "parts", "files", "top_queries", "nodes"]
+        assert stats.nodes == {socket.gethostname(): 2 * stats.shards}  # both passes ran here, a task per shard
         assert list(saved["totals"]) == ["input_rows", "matched", "kept", "expected_kept", "sample_rate",
                                          "estimated_kept"]
     assert [q["query"] for q in stats.top_queries] == ["dog", "cat", "hot dog"]

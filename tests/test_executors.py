@@ -1,12 +1,14 @@
 """The Executor protocol and LocalExecutor: results in item order, a bounded window, errors whole."""
 import os
 import pickle
+import socket
 import time
+from collections import Counter
 
 import pytest
 
 from clip_core.errors import InputError
-from clip_core.executors import Executor, LocalExecutor
+from clip_core.executors import Executor, LocalExecutor, map_counting_nodes
 
 
 def _square(i):
@@ -88,3 +90,33 @@ def test_the_protocol_fits_the_local_and_the_ray_executor():
 
     assert isinstance(LocalExecutor(1), Executor) and isinstance(RayExecutor(), Executor)
     assert not isinstance(object(), Executor)
+
+
+def test_map_counting_nodes_counts_each_item_where_it_ran(pool):
+    nodes = Counter()
+    assert list(map_counting_nodes(pool, _square, range(5), nodes)) == [0, 1, 4, 9, 16]
+    assert nodes == {socket.gethostname(): 5}  # spawn workers on this host
+    list(map_counting_nodes(LocalExecutor(1), _square, range(2), nodes))
+    assert nodes == {socket.gethostname(): 7}  # counts add up over a stage's maps
+
+
+class _NamedNodes:
+    """An executor whose workers name their node, and one that names none (the host name then)."""
+
+    node_id = staticmethod(lambda: "node-a")
+
+    def map(self, fn, items):
+        return [fn(item) for item in items]
+
+
+class _Unnamed:
+    def map(self, fn, items):
+        assert fn.__name__ == "_square"  # the wrapper keeps the stage's function name
+        return [fn(item) for item in items]
+
+
+def test_an_executor_names_its_nodes_or_the_host_name_is_used():
+    named, unnamed = Counter(), Counter()
+    assert list(map_counting_nodes(_NamedNodes(), _square, [2, 3], named)) == [4, 9] and named == {"node-a": 2}
+    assert list(map_counting_nodes(_Unnamed(), _square, [2], unnamed)) == [4]
+    assert unnamed == {socket.gethostname(): 1}

@@ -3,6 +3,7 @@ import io
 import json
 import pickle
 import re
+import socket
 import tarfile
 
 import numpy as np
@@ -108,7 +109,8 @@ def test_stats_read_back_equal_what_dedup_returned(planted, tmp_path):
     assert list(json.loads(text)) == [
         "corpus", "descriptor", "descriptors", "precision_target", "splits", "k", "seed", "corpus_shards",
         "corpus_images", "unreadable", "dropped", "damaged_shards", "unreadable_samples", "removed", "kept",
-        "eval_sets", "seconds", "outputs"]
+        "eval_sets", "seconds", "outputs", "nodes"]
+    assert stats.nodes == {socket.gethostname(): stats.corpus_shards}  # every shard checked on this host
     toy = stats.eval_sets["toyset"]
     assert list(json.loads(text)["eval_sets"]["toyset"]) == [
         "root", "split", "n", "eval_unreadable", "matches", "matched_corpus_images", "overlap", "overlap_pct",

@@ -2,6 +2,7 @@
 titles, WordNet parsing, dedup across kinds."""
 import argparse
 import math
+import socket
 from collections import Counter
 from pathlib import Path
 
@@ -160,7 +161,9 @@ def test_stats_travel_with_the_query_list(tmp_path):
     rows, stats = _build(tmp_path, CORPUS, min_count=10, min_pmi=-100, titles_uri=str(tmp_path / "titles.txt"))
     out = str(tmp_path / "queries.parquet")
     assert QueryStats.read(out) == stats and stats.to_dict() == QueryStats.read(out).to_dict()
-    assert list(stats.to_dict()) == ["tokens", "empty_texts", "title_bad_lines", "kinds", "n_queries"]
+    assert list(stats.to_dict()) == ["tokens", "empty_texts", "title_bad_lines", "kinds", "n_queries", "nodes"]
+    # where the work ran: this host, for every map and reduce task (16 partitions each of 3 counts, and the maps)
+    assert list(stats.nodes) == [socket.gethostname()] and stats.nodes[socket.gethostname()] > 3 * 16
     assert stats.per_kind == {"unigram": 5, "bigram": 5, "title": 1} and stats.n_queries == len(rows) == 11
     assert pq.read_schema(out).names == ["query", "kind", "count"]
     pq.write_table(pq.read_table(out).replace_schema_metadata(None), tmp_path / "theirs.parquet")

@@ -24,7 +24,7 @@ import functools
 import math
 import posixpath
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import fsspec
 import numpy as np
@@ -42,7 +42,7 @@ from clip_core.curation.plot import (
 from clip_core.data.parquet import atomic_parquet, check_column, list_parquet, parquet_errors, parquet_metadata
 from clip_core.data.staging import StagedOutput
 from clip_core.errors import InputError
-from clip_core.executors import Executor, LocalExecutor
+from clip_core.executors import Executor, LocalExecutor, map_counting_nodes
 
 PAIRS_FIX = "give candidate pairs Parquet: a string column caption (and url), one row a pair"
 
@@ -267,9 +267,9 @@ def curate(pairs_uris: str | list[str], queries_uri: str, out_uri: str, *, max_p
 def _run_passes(base: dict, shards: list[Shard], n_queries: int, max_per_query: int, target_size: int | None,
                 executor: Executor | None) -> CurationStats:
     """Pass 1, the reduce, pass 2 and the report, all written under base["work_uri"]; the stats."""
-    owned, executor = executor is None, executor or LocalExecutor()
+    owned, executor, nodes = executor is None, executor or LocalExecutor(), Counter()
     try:
-        first = list(executor.map(match_shard, [{**base, "shard": s} for s in shards]))
+        first = list(map_counting_nodes(executor, match_shard, [{**base, "shard": s} for s in shards], nodes))
         counts = _sum_sparse([_tmp(base, "counts", s, ".npz") for s in shards], n_queries)
         empty = [np.zeros(0, np.int32)]
         offsets = np.concatenate([[0], np.cumsum(np.concatenate([r["sample_lengths"] for r in first] or empty))])
@@ -278,7 +278,8 @@ def _run_passes(base: dict, shards: list[Shard], n_queries: int, max_per_query: 
         probs_uri = f"{base['work_uri']}/_tmp/entry_prob.npy"
         with fsspec.open(probs_uri, "wb") as f:
             np.save(f, count_to_prob(counts, t))
-        second = list(executor.map(sample_shard, [{**base, "shard": s, "probs_uri": probs_uri} for s in shards]))
+        second = list(map_counting_nodes(executor, sample_shard, [{**base, "shard": s, "probs_uri": probs_uri}
+                                                                  for s in shards], nodes))
     finally:
         if owned:
             executor.close()
@@ -288,7 +289,7 @@ def _run_passes(base: dict, shards: list[Shard], n_queries: int, max_per_query: 
     settings |= {"max_per_query": max_per_query, "target_size": target_size}
     rate = base["sample_rate"]
     estimated = expected_size(offsets, sample_ids, counts, t, rate) if rate else None
-    stats = summarize(settings, counts, int(t), first, second, parts, estimated)
+    stats = replace(summarize(settings, counts, int(t), first, second, parts, estimated), nodes=dict(nodes))
     return write_report(base["work_uri"], base["queries_uri"], counts, kept, int(t), stats)
 
 

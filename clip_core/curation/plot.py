@@ -52,6 +52,7 @@ class CurationStats:
     repaired: dict[str, int]  # captions repaired before matching: invalid_utf8, truncated
     parts: list[str]  # part-NNNNN.parquet names, one per shard
     top_queries: list[dict] = field(default_factory=list)  # the 20 most matched: id, query, matched, kept
+    nodes: dict[str, int] = field(default_factory=dict)  # node -> shard tasks (pass 1 and pass 2) run there
 
     @property
     def shards(self) -> int:
@@ -67,7 +68,8 @@ class CurationStats:
                            "expected_kept": self.expected_kept, "sample_rate": self.sample_rate,
                            "estimated_kept": self.estimated_kept},
                 "skipped": self.skipped, "repaired": self.repaired, "shards": self.shards, "parts": self.parts,
-                "files": {"query_stats": QUERY_STATS_NAME, "plot": PLOT_NAME}, "top_queries": self.top_queries}
+                "files": {"query_stats": QUERY_STATS_NAME, "plot": PLOT_NAME}, "top_queries": self.top_queries,
+                "nodes": self.nodes}
 
     @classmethod
     def from_dict(cls, d: dict) -> CurationStats:
@@ -77,7 +79,7 @@ class CurationStats:
                    rejected=queries["rejected"], queries_matched=queries["matched"], head_queries=queries["head"],
                    **{k: totals[k] for k in ("input_rows", "matched", "kept", "expected_kept", "sample_rate")},
                    estimated_kept=totals.get("estimated_kept"), skipped=d["skipped"], repaired=d["repaired"],
-                   parts=d["parts"], top_queries=d.get("top_queries", []))
+                   parts=d["parts"], top_queries=d.get("top_queries", []), nodes=d.get("nodes", {}))
 
     @classmethod
     def read(cls, uri: str) -> CurationStats:

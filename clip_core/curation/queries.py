@@ -47,7 +47,7 @@ from clip_core.curation.balance import hash_strings
 from clip_core.curation.wordnet import check_wordnet, wordnet_queries
 from clip_core.data.parquet import atomic_parquet, check_column, list_files, parquet_metadata, read_errors
 from clip_core.errors import check
-from clip_core.executors import Executor, LocalExecutor
+from clip_core.executors import Executor, LocalExecutor, map_counting_nodes
 
 WORD = r"\w+(?:['’\-]\w+)*"
 _WORDS = re.compile(WORD)
@@ -69,6 +69,7 @@ class QueryStats:
     tokens: int = 0  # word tokens of the corpus: N of the PMI
     empty_texts: int | None = None  # NULL or empty corpus texts skipped (None: no corpus given)
     title_bad_lines: int | None = None  # title lines whose count is not a number (None: no titles given)
+    nodes: dict[str, int] = field(default_factory=dict)  # node -> map and reduce tasks run there
 
     @property
     def per_kind(self) -> dict[str, int]:
@@ -78,7 +79,7 @@ class QueryStats:
     def to_dict(self) -> dict:
         """The stats as JSON values (the counts of a source not given are left out)."""
         d = {"tokens": self.tokens, "empty_texts": self.empty_texts, "title_bad_lines": self.title_bad_lines,
-             "kinds": self.kinds, "n_queries": self.n_queries}
+             "kinds": self.kinds, "n_queries": self.n_queries, "nodes": self.nodes}
         return {k: v for k, v in d.items() if v is not None}
 
     @classmethod
@@ -231,13 +232,13 @@ def _vocab(uri: str) -> frozenset[str]:
 
 
 def _count(what: str, chunks: list[Chunk], work: str, min_count: int, cfg: dict,
-           executor: Executor) -> tuple[pa.Table, list[dict]]:
-    """Map over chunks, reduce over partitions: the keys of `what` with count >= min_count."""
+           executor: Executor, nodes: Counter) -> tuple[pa.Table, list[dict]]:
+    """Map over chunks, reduce over partitions: the keys of `what` with count >= min_count (tasks counted per node)."""
     tasks = [{**cfg, "what": what, "chunk": c, "spill_uri": f"{work}/{what}-{i:05d}"} for i, c in enumerate(chunks)]
-    mapped = list(executor.map(count_chunk, tasks))
+    mapped = list(map_counting_nodes(executor, count_chunk, tasks, nodes))
     spills = [uri for m in mapped for uri in m["spills"]]
-    parts = list(executor.map(reduce_partition, [{"spill_uris": spills, "partition": p, "min_count": min_count}
-                                                 for p in range(cfg["partitions"])]))
+    reduces = [{"spill_uris": spills, "partition": p, "min_count": min_count} for p in range(cfg["partitions"])]
+    parts = list(map_counting_nodes(executor, reduce_partition, reduces, nodes))
     empty = pa.table({"key": pa.array([], pa.string()), "count": pa.array([], pa.int64()),
                       "listed": pa.array([], pa.int64())})
     table = pa.concat_tables(parts) if parts else empty
@@ -280,21 +281,21 @@ def build_queries(corpus_uris: str | list[str], out_uri: str, *, min_count: int 
     fs.makedirs(work_path, exist_ok=True)
     cfg = {"text_column": text_column, "partitions": partitions, "max_keys": max_keys,
            "vocab_uri": f"{work}/vocab.parquet"}
-    candidates, counts = {}, {"tokens": 0}
+    candidates, counts, nodes = {}, {"tokens": 0}, Counter()
     try:
         if chunks:
-            vocab, mapped = _count("unigram", chunks, work, min_count, cfg, executor)
+            vocab, mapped = _count("unigram", chunks, work, min_count, cfg, executor, nodes)
             counts["tokens"] = n_tokens = sum(m["tokens"] for m in mapped)
             counts["empty_texts"] = sum(m["empty_texts"] for m in mapped)
             with fsspec.open(cfg["vocab_uri"], "wb") as f:
                 pq.write_table(vocab.select(["key", "count"]), f)
             floor = min_count if min_bigram_count is None else min_bigram_count
-            pairs, _ = _count("bigram", chunks, work, floor, cfg, executor)
+            pairs, _ = _count("bigram", chunks, work, floor, cfg, executor, nodes)
             pairs = _with_pmi(pairs, vocab, n_tokens)
             candidates["unigram"] = vocab
             candidates["bigram"] = pairs.filter(pc.greater_equal(pairs["pmi"], min_pmi))
         if titles_uri:
-            titles, mapped = _count("title", title_chunks, work, min_title_count, cfg, executor)
+            titles, mapped = _count("title", title_chunks, work, min_title_count, cfg, executor, nodes)
             counts["title_bad_lines"] = sum(m["bad_lines"] for m in mapped)
             candidates["title"] = titles.append_column("counted", pc.greater(titles["count"], 0))
         if wordnet_dir:
@@ -304,7 +305,7 @@ def build_queries(corpus_uris: str | list[str], out_uri: str, *, min_count: int 
         fs.rm(work_path, recursive=True)
         if owned:
             executor.close()
-    stats = QueryStats(n_queries=len(table), kinds=kinds, **counts)
+    stats = QueryStats(n_queries=len(table), kinds=kinds, **counts, nodes=dict(nodes))
     with atomic_parquet(out_uri, SCHEMA.with_metadata({STATS_KEY: json.dumps(stats.to_dict())})) as writer:
         writer.write_table(table)
     return stats

@@ -41,6 +41,7 @@ import json
 import os
 import time
 import zlib
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import NamedTuple
@@ -55,7 +56,7 @@ from clip_core.checks import whole_number
 from clip_core.data.parquet import as_uri, expand_uris, write_json, write_parquet
 from clip_core.data.staging import StagedOutput
 from clip_core.errors import InputError, check
-from clip_core.executors import Executor, LocalExecutor
+from clip_core.executors import Executor, LocalExecutor, map_counting_nodes
 from clip_core.extract.filters import (
     DROP_REASONS, BaseUrl, PairFilter, normalize_caption, page_base, parse_extensions,
     resolve_image_url, split_base)
@@ -116,6 +117,7 @@ class ExtractStats:
     seconds: float
     filters: dict
     warnings: list[str] = field(default_factory=list)  # files that yielded nothing or ended early
+    nodes: dict[str, int] = field(default_factory=dict)  # node (host name or Ray node id) -> files read there
 
     @property
     def pairs_per_s(self) -> float:
@@ -360,15 +362,17 @@ def extract(wat_uris: Sequence[str], out_uri: str, *, workers: int | None = None
     tasks = [(uri, pair_filter, storage_options) for uri in uris]
     with output:
         writer = _ShardWriter(output.fs, output.path, shard_rows)
+        nodes = Counter()
         with _executor_for(executor, workers, len(uris)) as ex:
-            for table, stats in ex.map(_extract_task, tasks):
+            for table, stats in map_counting_nodes(ex, _extract_task, tasks, nodes):
                 kept = _drop_seen(table, seen)
                 stats.dropped["duplicate"] += table.num_rows - kept.num_rows
                 stats.pairs_kept = kept.num_rows
                 writer.add(kept)
                 files.append(stats)
         shards = [as_uri(output.fs, f"{output.out}/{name}") for name in writer.close()]  # where they end up
-        result = _finish(output.fs, output.path, files, shards, time.perf_counter() - start, pair_filter)
+        result = _finish(output.fs, output.path, files, shards, time.perf_counter() - start, pair_filter,
+                         dict(nodes))
         output.commit()
     return result
 
@@ -415,12 +419,13 @@ def _warnings(files: list[FileStats]) -> list[str]:
 
 
 def _finish(fs, root: str, files: list[FileStats], shards: list[str], seconds: float,
-            pair_filter: PairFilter) -> ExtractStats:
+            pair_filter: PairFilter, nodes: dict[str, int]) -> ExtractStats:
     """Sum the per-file stats and write `extract_stats.json` under root."""
     totals = FileStats(uri="*")
     for stats in files:
         totals.add(stats)
     result = ExtractStats(files=files, totals=totals, rows=totals.pairs_kept, shards=shards,
-                          seconds=seconds, filters=pair_filter.describe(), warnings=_warnings(files))
+                          seconds=seconds, filters=pair_filter.describe(), warnings=_warnings(files),
+                          nodes=nodes)
     write_json(fs, f"{root}/{STATS_NAME}", result.to_dict())
     return result

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import subprocess
 import sys
 
@@ -16,18 +17,30 @@ from clip_core.crawl.safety import RESIZE_MODES
 from clip_core.checks import whole_number
 from clip_core.curation.curate import check_curate_options, curate
 from clip_core.curation.queries import build_queries, check_queries_options
-from clip_core.errors import BAD_INPUT_ERRORS, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from clip_core.errors import BAD_INPUT_ERRORS, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, check
 from clip_core.executors import LocalExecutor
 from clip_core.extract.wat import DEFAULT_SHARD_ROWS, STATS_NAME, extract
 
 
+def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
+    """--executor and --ray-address: where a stage maps its shards (the same output either way)."""
+    parser.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="local processes, or one Ray task per shard on --ray-address")
+    parser.add_argument("--ray-address", metavar="ADDR", default=None,
+                        help="Ray cluster for --executor ray (default: RAY_ADDRESS; unset: a local Ray on 127.0.0.1)")
+
+
 def stage_executor(name: str, address: str | None, workers: int | None, local=None):
-    """The executor a corpus stage maps its shards with: Ray tasks for "ray", else `local(workers)`
-    (None: the stage sizes its own local pool)."""
+    """The executor a corpus stage maps its shards with: Ray tasks for "ray" (on address, else RAY_ADDRESS,
+    else a local cluster), else `local(workers)` (None: the stage sizes its own local pool)."""
+    check(name == "ray" or not address, "--ray-address", "is only used with --executor ray",
+          "add --executor ray, or drop --ray-address")
     if name == "ray":
+        if workers is not None:
+            whole_number("--workers", workers, fix="CPUs of a local Ray; leave it out for all cores")
         from flows.executors import RayExecutor  # Ray is imported only when asked for
 
-        return RayExecutor(address=address, num_cpus=workers)
+        return RayExecutor(address=address or os.environ.get("RAY_ADDRESS") or None, num_cpus=workers)
     return local(workers) if local else contextlib.nullcontext(None)
 
 
@@ -49,14 +62,13 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
                              "(approximate stopword detector; 'und' = undetermined)")
     parser.add_argument("--ext", type=_csv, default=None, metavar="EXTS",
                         help="keep image URLs whose path ends in these extensions, e.g. jpg,png")
-    parser.add_argument("--executor", choices=("local", "ray"), default="local",
-                        help="local process pool, or Ray tasks (RAY_ADDRESS or a local cluster)")
+    add_executor_arguments(parser)
     parser.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS, metavar="N")
 
 
 def run_extract_command(args: argparse.Namespace) -> int:
     """Run `extract` from parsed arguments; print one summary line."""
-    with stage_executor(args.executor, None, None) as executor:
+    with stage_executor(args.executor, args.ray_address, None) as executor:
         stats = extract(args.wat, args.out, workers=args.workers, executor=executor,
                         min_caption_len=args.min_caption_len,
                         max_caption_len=args.max_caption_len, languages=args.lang,
@@ -85,13 +97,14 @@ def add_queries_arguments(parser: argparse.ArgumentParser) -> None:
                         help="every lemma of a synset, or its first")
     parser.add_argument("--text-column", default="text", help="text column of Parquet corpora")
     parser.add_argument("--workers", type=int, help="local worker processes (default: all cores)")
+    add_executor_arguments(parser)
 
 
 def run_queries_command(args: argparse.Namespace) -> int:
     """Run `clip-pipeline queries` and print the per-kind stats."""
     check_queries_options(args.min_count, args.min_pmi, args.min_bigram_count, args.min_title_count,
                           args.wordnet_lemmas)
-    with LocalExecutor(args.workers) as executor:
+    with stage_executor(args.executor, args.ray_address, args.workers, local=LocalExecutor) as executor:
         stats = build_queries(args.corpus, args.out, min_count=args.min_count, min_pmi=args.min_pmi,
                               min_bigram_count=args.min_bigram_count, titles_uri=args.titles,
                               min_title_count=args.min_title_count, wordnet_dir=args.wordnet,
@@ -114,8 +127,7 @@ def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the balancing draws")
     parser.add_argument("--case-insensitive", action="store_true", help="lower-case captions and queries to match")
     parser.add_argument("--workers", type=int, help="local worker processes (default: all cores)")
-    parser.add_argument("--executor", choices=("local", "ray"), default="local")
-    parser.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
+    add_executor_arguments(parser)
     parser.add_argument("--shard-rows", type=int, default=250_000, help="rows per unit of work")
 
 

@@ -15,6 +15,7 @@ import json
 import sys
 
 from clip_core.errors import InputError, check
+from flows.commands.corpus import add_executor_arguments, stage_executor
 
 TRAIN_WORD = "train-detector"
 
@@ -62,6 +63,7 @@ def add_dedup_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-samples", type=int, default=500, help="eval images copied per set")
     parser.add_argument("-k", type=int, default=1, help="neighbours checked per corpus image and eval set")
     parser.add_argument("--sheet-size", type=int, default=12, help="pairs on each contact sheet (0: none)")
+    add_executor_arguments(parser)
     _shared_options(parser, None)
     _train_options(parser.add_argument_group(f"{TRAIN_WORD} (when CORPUS is {TRAIN_WORD})"))
 
@@ -107,11 +109,12 @@ def run_dedup_command(args: argparse.Namespace) -> int:
         return run_train_detector_command(args)
     check(bool(args.eval_dirs), "--eval", "dedup needs at least one eval set folder", "pass --eval EVALDIR")
     from dedup.near_dup import dedup
-    stats = dedup(args.corpus, args.out, args.eval_dirs, descriptor=args.descriptor, precision=args.precision,
-                  detector_path=args.detector, splits=tuple(args.splits or ("test",)),
-                  thresholds=_thresholds(args.threshold), calibration_samples=args.calibration_samples,
-                  batch_size=_batch_size(args.batch_size, 128), k=args.k, device=args.device, seed=args.seed,
-                  sheet_size=args.sheet_size)
+    thresholds = _thresholds(args.threshold)
+    with stage_executor(args.executor, args.ray_address, None) as executor:  # None: shards one by one, here
+        stats = dedup(args.corpus, args.out, args.eval_dirs, descriptor=args.descriptor, precision=args.precision,
+                      detector_path=args.detector, splits=tuple(args.splits or ("test",)), thresholds=thresholds,
+                      calibration_samples=args.calibration_samples, batch_size=_batch_size(args.batch_size, 128),
+                      k=args.k, device=args.device, seed=args.seed, sheet_size=args.sheet_size, executor=executor)
     _warn_damaged(stats)
     summary = {"corpus_images": stats.corpus_images, "unreadable": stats.unreadable, "dropped": stats.dropped,
                "removed": stats.removed, "kept": stats.kept,
