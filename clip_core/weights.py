@@ -15,7 +15,9 @@ safetensors files, and write safetensors under the same names. Layouts:
   the newest modification time. Folders that hold no weights yet (being written) are skipped.
 
 Folders are written whole or not at all: built under a temporary name beside the target and
-swapped in, so a crash leaves the previous checkpoint as it was. A pickle is only ever read
+swapped in, so a crash leaves the previous checkpoint as it was. On an object store (an
+s3:// or other fsspec URI, where nothing can be renamed) each file is one whole upload,
+config.json last. A pickle is only ever read
 as plain tensors: a file that names code is refused, never run.
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ import uuid
 import zipfile
 from pathlib import Path
 
+import fsspec
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -41,7 +44,7 @@ from clip_core.model import CLIP
 __all__ = ["MODEL_FILE", "CONFIG_FILE", "STATE_FILE", "config_from_state_dict", "build_model", "load_state_dict",
            "read_safetensors", "read_torch_weights", "read_config", "read_state_dict", "load_checkpoint",
            "save_checkpoint", "write_checkpoint", "read_train_state", "verify_checkpoint", "step_folders",
-           "latest_checkpoint", "export_model", "resolve_checkpoint", "load_model"]
+           "latest_checkpoint", "export_model", "is_uri", "resolve_checkpoint", "load_model"]
 
 MODEL_FILE, CONFIG_FILE, STATE_FILE = "model.safetensors", "config.json", "train_state.pt"
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -257,8 +260,27 @@ def write_checkpoint(model: CLIP, folder: str | Path, train_state: dict | None =
     return folder
 
 
-def export_model(checkpoint: str | Path, folder: str | Path) -> Path:
-    """Copy a checkpoint's model (safetensors + config.json, no training state) to `folder`, whole or not at all."""
+def is_uri(path: str | Path) -> bool:
+    """Whether `path` names a remote fsspec location (s3://...) rather than a local path or file:// URI."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def _upload_model(checkpoint: Path, uri: str) -> str:
+    """Upload model.safetensors, then config.json, each file one whole object (an object store has no rename)."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    fs.makedirs(path, exist_ok=True)
+    for name in (MODEL_FILE, CONFIG_FILE):  # config.json last: a reader that finds it finds the weights
+        fs.put_file(str(checkpoint / name), f"{path.rstrip('/')}/{name}")
+    return uri
+
+
+def export_model(checkpoint: str | Path, folder: str | Path) -> Path | str:
+    """Copy a checkpoint's model (safetensors + config.json, no training state) to `folder`, whole or not at all.
+
+    `folder` may be an fsspec URI (s3://bucket/out/model): then the URI is returned.
+    """
+    if is_uri(folder):
+        return _upload_model(Path(checkpoint), str(folder))
     folder = Path(folder)
     tmp = _aside(folder)
     try:
@@ -300,8 +322,23 @@ def verify_checkpoint(folder: str | Path) -> CLIPConfig:
     return read_config(folder / CONFIG_FILE)
 
 
-def step_folders(root: str | Path) -> list[Path]:
-    """Complete `step_N` training checkpoint folders under `root`, oldest first."""
+def _remote_step_folders(uri: str) -> list[str]:
+    """Complete `step_N` folders under an fsspec URI, oldest first, as URIs."""
+    fs, root = fsspec.core.url_to_fs(uri)
+    protocol = uri.split("://", 1)[0]
+    try:
+        entries = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return []
+    found = [(int(m.group(1)), p) for p in entries
+             if (m := STEP_DIR.match(p.rstrip("/").rsplit("/", 1)[-1])) and fs.isfile(f"{p}/{STATE_FILE}")]
+    return [f"{protocol}://{p}" for _, p in sorted(found)]
+
+
+def step_folders(root: str | Path) -> list[Path] | list[str]:
+    """Complete `step_N` training checkpoint folders under `root`, oldest first (URIs for a remote `root`)."""
+    if is_uri(root):
+        return _remote_step_folders(str(root))
     root = Path(root)
     if not root.is_dir():
         return []
@@ -310,8 +347,8 @@ def step_folders(root: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete `step_N` checkpoint folder under `root`, or None."""
+def latest_checkpoint(root: str | Path) -> Path | str | None:
+    """The newest complete `step_N` checkpoint folder under `root` (a URI for a remote `root`), or None."""
     folders = step_folders(root)
     return folders[-1] if folders else None
 

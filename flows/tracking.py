@@ -7,30 +7,46 @@ closes it with the final checkpoint as an artifact and a registered model versio
 Tracking never stops training: a server that is down, or goes down, is warned about, and
 every row is also written to OUT/metrics.jsonl. `Tracker` is the one writer to MLflow in
 flows/ (training, evaluation, the pipeline's parent and stage runs).
+
+A remote OUT (s3:// or any fsspec URI): metrics.jsonl is kept in a local file and uploaded
+whole (an object store cannot append) at every checkpoint step, at log steps at most once a
+minute, and at the end; MLflow's default store is ./mlflow.db on the driver (with a warning),
+and a SQLite store puts new experiments' artifacts under OUT/mlartifacts.
 """
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import tempfile
 import time
 import urllib.request
 import warnings
 from pathlib import Path
 from typing import Callable
 
+import fsspec
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from clip_core.crawl import CrawlStats
 from clip_core.train.optim import unwrap as _unwrap
+from clip_core.weights import is_uri
 
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "V100": 125.0, "A10": 125.0}
 
 
 def default_tracking_uri(output: str) -> str:
-    """MLFLOW_TRACKING_URI, else a SQLite file in the output folder."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output).resolve()}/mlflow.db"
+    """MLFLOW_TRACKING_URI, else a SQLite file in the output folder (./mlflow.db, with a warning, for a remote one)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if is_uri(output):  # SQLite cannot live on an object store
+        db = Path("mlflow.db").resolve()
+        warnings.warn(f"OUT {output} is remote and MLFLOW_TRACKING_URI is unset: MLflow runs are recorded in {db} "
+                      f"on this machine (artifacts under {output}/mlartifacts); set MLFLOW_TRACKING_URI (or "
+                      "--mlflow-uri) to a tracking server to share them")
+        return f"sqlite:///{db}"
+    return f"sqlite:///{Path(output).resolve()}/mlflow.db"
 
 
 def reachable(uri: str, timeout: float = 3.0) -> bool:
@@ -44,10 +60,12 @@ def reachable(uri: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def local_artifact_location(uri: str) -> str | None:
-    """For a SQLite store, artifacts beside the database (not ./mlruns of whatever the cwd is)."""
+def local_artifact_location(uri: str, output: str | None = None) -> str | None:
+    """For a SQLite store, artifacts beside the database (not ./mlruns of whatever the cwd is), or in a remote OUT."""
     if not uri.startswith("sqlite:///"):
         return None  # a tracking server decides
+    if output and is_uri(output):  # a remote OUT: the artifacts land there with the model
+        return f"{output.rstrip('/')}/mlartifacts"
     return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
 
 
@@ -65,10 +83,13 @@ def flatten(d: dict, prefix: str = "") -> dict:
 class Tracker:
     """An MLflow client that warns instead of raising; a no-op when the server is down.
 
-    `uri` None is offline (nothing logged); `elsewhere` says in the warning where the numbers still go.
+    `uri` None is offline (nothing logged); `elsewhere` says in the warning where the numbers still go;
+    `output` (OUT) decides where a SQLite store's new experiments keep their artifacts.
     """
 
-    def __init__(self, uri: str | None, run_id: str | None = None, elsewhere: str = "metrics go to metrics.jsonl only"):
+    def __init__(self, uri: str | None, run_id: str | None = None, elsewhere: str = "metrics go to metrics.jsonl only",
+                 output: str | None = None):
+        self.output = output
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # a dead server must not stall steps
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.uri, self.run_id, self.client = uri, run_id, None
@@ -124,7 +145,7 @@ class Tracker:
     def _start(self, experiment: str, run_name: str, tags: dict):
         found = self.client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else self.client.create_experiment(
-            experiment, artifact_location=local_artifact_location(self.uri))
+            experiment, artifact_location=local_artifact_location(self.uri, self.output))
         return self.client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
 
     def log_params(self, params: dict) -> None:
@@ -247,13 +268,44 @@ def _step_of(line: str) -> float:
 
 
 class MetricsCallback:
-    """Rank 0: per-step metrics (+ throughput, MFU, extras) to metrics.jsonl and MLflow."""
+    """Rank 0: per-step metrics (+ throughput, MFU, extras) to metrics.jsonl and MLflow.
+
+    A remote `log_path` (an fsspec URI) is mirrored in a local file and uploaded whole at every
+    `checkpoint_every` step (so a resumed run finds every row up to its checkpoint), at log steps
+    when `sync_seconds` have passed since the last upload, and at the end.
+    """
 
     def __init__(self, tracker: Tracker, log_path: str | Path, log_every: int, world_size: int,
-                 flops: float | None = None, peak: float | None = None, extras: Callable | None = None):
+                 flops: float | None = None, peak: float | None = None, extras: Callable | None = None,
+                 checkpoint_every: int | None = None, sync_seconds: float = 60.0):
+        self.remote = str(log_path) if is_uri(log_path) else None
+        if self.remote:  # an object store cannot append: rows go to a local mirror, uploaded whole
+            log_path = Path(tempfile.mkdtemp(prefix="clip-metrics-")) / Path(self.remote).name
         self.tracker, self.log_path, self.log_every = tracker, Path(log_path), log_every
         self.world_size, self.flops, self.peak, self.extras = world_size, flops, peak, extras
+        self.checkpoint_every, self.sync_seconds, self.synced = checkpoint_every, sync_seconds, time.monotonic()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _download(self) -> None:
+        """The remote file's rows into the local mirror (a resumed run continues them)."""
+        fs, path = fsspec.core.url_to_fs(self.remote)
+        if fs.isfile(path):
+            fs.get_file(path, str(self.log_path))
+
+    def flush(self) -> None:
+        """Upload the local mirror whole to the remote metrics.jsonl (one object write); local: nothing to do."""
+        if self.remote and self.log_path.exists():
+            fs, path = fsspec.core.url_to_fs(self.remote)
+            fs.put_file(str(self.log_path), path)
+        self.synced = time.monotonic()
+
+    def _maybe_flush(self, step: int) -> None:
+        if not self.remote:
+            return
+        at_checkpoint = bool(self.checkpoint_every) and step % self.checkpoint_every == 0
+        due = step % self.log_every == 0 and time.monotonic() - self.synced >= self.sync_seconds
+        if at_checkpoint or due:
+            self.flush()
 
     def row(self, trainer) -> dict:
         m = dict(trainer.metrics)
@@ -265,6 +317,9 @@ class MetricsCallback:
 
     def on_train_start(self, trainer) -> None:
         """Drop rows after the step training starts from: a resumed run logs those steps again."""
+        if self.remote:
+            self.log_path.unlink(missing_ok=True)  # a restarted worker: the remote file is the record
+            self._download()
         if not self.log_path.exists():
             return
         rows = self.log_path.read_text().splitlines(keepends=True)
@@ -274,6 +329,7 @@ class MetricsCallback:
         tmp = self.log_path.with_name(f".{self.log_path.name}.tmp")
         tmp.write_text("".join(kept))
         os.replace(tmp, self.log_path)  # whole or not at all
+        self.flush()
 
     def on_step_end(self, trainer) -> None:
         row = self.row(trainer)
@@ -281,12 +337,17 @@ class MetricsCallback:
             f.write(json.dumps({"step": trainer.step, **row}) + "\n")
         if trainer.step % self.log_every == 0 or trainer.step == 1:
             self.tracker.log_metrics(row, trainer.step)
+        self._maybe_flush(trainer.step)
+
+    def on_train_end(self, trainer) -> None:
+        self.flush()
 
     def log(self, metrics: dict, step: int) -> None:
         """Other metrics (evaluation) to both sinks."""
         with self.log_path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         self.tracker.log_metrics(metrics, step)
+        self.flush()  # evaluations are rare, and may come after on_train_end's upload
 
 
 class ZeroShotEval:

@@ -12,7 +12,11 @@ with the same OUT and name continues from the run's last checkpoint.
 optimisation) and the run's settings (`RunSettings`: OUT, Ray, workers and their resources,
 storage, checkpoints, resume, MLflow) and returns a `TrainSummary`; both cross to the workers
 as plain dicts. Every input (corpus, --exclude, --eval, the checkpoint a run would continue)
-is checked before Ray starts. On a cluster that is this machine alone, torch.distributed
+is checked before Ray starts. OUT and the storage path may be fsspec URIs (s3://): Ray stores
+checkpoints through the URI's fsspec filesystem, and the model, metrics.jsonl and (with a SQLite
+store) MLflow's artifacts land under OUT. A cluster of several nodes with a local storage path
+is refused before any worker starts, unless --shared-storage says the path is shared (NFS).
+On a cluster that is this machine alone, torch.distributed
 meets through a file and gloo/NCCL bind the loopback interface: nothing listens beyond
 127.0.0.1. The MLflow run is always closed: FINISHED, FAILED, or KILLED on SIGINT/SIGTERM.
 The command line (`clip-pipeline train`, `python -m flows.commands.train`) is flows/commands/train.py.
@@ -22,11 +26,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import ipaddress
 import json
 import math
 import os
-import shutil
 import signal
 import socket
 import tempfile
@@ -34,6 +36,7 @@ import threading
 import time
 from pathlib import Path
 
+import fsspec
 import ray
 import ray.train
 import ray.train.torch
@@ -41,7 +44,6 @@ import torch
 import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
-from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
 
 from clip_core.config import load_preset
 from clip_core.errors import InputError
@@ -52,10 +54,15 @@ from clip_core.train.checks import RESUME_FIX, check_checkpoint_matches, check_t
 from clip_core.train.config import absolute
 from clip_core.train.loop import NonFiniteLossError
 from clip_core.train.optim import unwrap
-from clip_core.weights import export_model, latest_checkpoint
+from clip_core.weights import export_model, is_uri, latest_checkpoint
 from flows.common import loopback_ray
+from flows.train_backend import LoopbackTorchConfig, local_cluster
+from flows.train_storage import (_as_uri, _check_writable, _checkpoint_at, _exists, _local, join,
+                                 storage_filesystem)
 from flows.tracking import (MetricsCallback, Tracker, ZeroShotEval, corpus_tags, default_tracking_uri,
                             flops_per_sample, git_commit, peak_flops)
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
 
 
 class TrainingError(RuntimeError):
@@ -66,18 +73,19 @@ class TrainingError(RuntimeError):
 class RunSettings:
     """Where and how a training runs: OUT, Ray and the workers' resources, checkpoints, resume, MLflow."""
 
-    output: str = ""  # OUT: model/, metrics.jsonl, mlflow.db, ray/
+    output: str = ""  # OUT (a folder or an fsspec URI): model/, metrics.jsonl, mlflow.db, ray/
     name: str = "clip-train"  # the run's folder under the storage path, and its MLflow name
     ray_address: str | None = None  # default RAY_ADDRESS, else a local cluster on 127.0.0.1
     workers: int = 1  # Ray Train workers (data-parallel ranks)
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    storage_path: str | None = None  # Ray's checkpoints; default OUT/ray
+    storage_path: str | None = None  # Ray's checkpoints (a folder or an fsspec URI); default OUT/ray
+    shared_storage: bool = False  # a local storage path that every node mounts (NFS): allowed on a multi-node cluster
     checkpoint_every: int = 500
     num_to_keep: int = 3  # checkpoints Ray keeps
     max_failures: int = 0  # worker failures Ray recovers from
     resume: str = "auto"  # auto: continue this run's checkpoints; never: fresh; else a checkpoint folder
-    mlflow_uri: str | None = None  # default MLFLOW_TRACKING_URI or sqlite:///OUT/mlflow.db
+    mlflow_uri: str | None = None  # default MLFLOW_TRACKING_URI or sqlite:///OUT/mlflow.db (./mlflow.db: remote OUT)
     experiment: str = "clip"
     mlflow_parent_run_id: str | None = None  # nest the run under a pipeline run
     log_every: int = 10  # steps between MLflow rows (metrics.jsonl has every step)
@@ -181,7 +189,7 @@ def _gather(obj) -> list:
 def _rank0_callbacks(cfg: TrainConfig, run: RunSettings, config: dict, world: int, loader, device) -> list:
     with torch.device("meta"):
         meta = create_model(cfg.preset, **({"vision_cfg": {"image_size": cfg.image_size}} if cfg.image_size else {}))
-    tracker = Tracker(config["tracking_uri"] if config["run_id"] else None, config["run_id"])
+    tracker = Tracker(config["tracking_uri"] if config["run_id"] else None, config["run_id"], output=run.output)
 
     def extras(t) -> dict:
         data = loader.stats()
@@ -189,9 +197,9 @@ def _rank0_callbacks(cfg: TrainConfig, run: RunSettings, config: dict, world: in
                 "data_truncated": data.skip_reasons["truncated"], "data_excluded": data.excluded,
                 "data_epoch": data.epoch}
 
-    metrics = MetricsCallback(tracker, Path(run.output) / "metrics.jsonl", run.log_every, world,
+    metrics = MetricsCallback(tracker, join(run.output, "metrics.jsonl"), run.log_every, world,
                               flops_per_sample(meta, meta.config.vision.image_size, meta.config.text.context_length),
-                              peak_flops(run.peak_tflops, device), extras)
+                              peak_flops(run.peak_tflops, device), extras, checkpoint_every=run.checkpoint_every)
     return [metrics] + ([ZeroShotEval(cfg.eval, cfg.eval_every, metrics, device)] if cfg.eval else [])
 
 
@@ -213,84 +221,30 @@ def train_func(config: dict) -> dict:
     # ====================================================================================
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and run.resume_from:
-        checkpoint = ray.train.Checkpoint(run.resume_from)
+        checkpoint = _checkpoint_at(run.resume_from)
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             loader = restore_training(folder, trainer, loader)
 
-    # [4] Callbacks: reports and checkpoints on every rank; metrics and eval on rank 0
-    # ===============================================================================
+    # [4] Callbacks: metrics and eval on rank 0, then reports and checkpoints on every rank
+    # ====================================================================================
     options = {**cfg.to_dict(), **run.to_dict()}  # saved in train_state.pt: every option of the run
     history, reporter = History(), RayReport(run.checkpoint_every, rank, loader, {"train_config": options})
     reporter.last = trainer.step if checkpoint is not None else -1
     rank0 = _rank0_callbacks(cfg, run, config, world, loader, device) if rank == 0 else []
-    trainer.callbacks = [history, reporter, *rank0, *config.get("callbacks", [])]
+    # metrics before the checkpoint: a remote metrics.jsonl is uploaded up to a step before it is checkpointed
+    trainer.callbacks = [history, *rank0, reporter, *config.get("callbacks", [])]
 
     # [5] Train; a non-finite loss (the same on every rank) ends cleanly, keeping the last checkpoint
     # ==============================================================================================
     try:
         trainer.fit(loader, cfg.total_steps)
     except NonFiniteLossError as e:
+        for callback in rank0:  # a remote metrics.jsonl gets the rows up to the bad step
+            getattr(callback, "flush", lambda: None)()
         ray.train.report({"step": trainer.step, "nonfinite": 1.0})
         return {"error": str(e), "step": trainer.step, "history": list(history.rows)}
     return {"step": trainer.step, "history": list(history.rows), "data": loader.stats().to_dict()}
-
-
-# ----- torch.distributed on loopback (a local run) -----
-
-def _loopback_interface() -> str:
-    """The loopback network interface's name: "lo" on Linux, "lo0" on macOS."""
-    return next((name for _, name in socket.if_nameindex() if name.startswith("lo")), "lo")
-
-
-def _use_loopback() -> None:
-    """On a worker: gloo and NCCL open their sockets on the loopback interface only."""
-    lo = _loopback_interface()
-    os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = lo
-    os.environ["MASTER_ADDR"] = "127.0.0.1"  # for any library that reads it; the store below is a file
-
-
-class _LoopbackTorchBackend(_TorchBackend):
-    """Ray's torch backend with a file rendezvous instead of its env:// TCPStore.
-
-    torch's TCPStore server, which Ray's env:// rendezvous starts on rank 0, listens on every
-    interface whatever MASTER_ADDR says (the address only tells clients where to connect),
-    and has no authentication. On one machine a FileStore does the same job with no socket.
-    """
-
-    def on_start(self, worker_group, backend_config: TorchConfig) -> None:
-        self.folder = tempfile.mkdtemp(prefix="clip-rendezvous-")  # fresh per start: a restart never reuses it
-        store = Path(self.folder, "store").as_uri()
-        worker_group.execute(_use_loopback)
-        worker_group.execute(_set_torch_distributed_env_vars)
-        n = len(worker_group)
-        ray.get([worker_group.execute_single_async(i, _setup_torch_process_group, backend=backend_config.backend,
-                                                   world_rank=i, world_size=n, init_method=store,
-                                                   timeout_s=backend_config.timeout_s) for i in range(n)])
-
-    def on_shutdown(self, worker_group, backend_config: TorchConfig) -> None:
-        try:
-            super().on_shutdown(worker_group, backend_config)
-        finally:
-            shutil.rmtree(getattr(self, "folder", ""), ignore_errors=True)
-
-
-@dataclasses.dataclass
-class LoopbackTorchConfig(TorchConfig):
-    """TorchConfig for a cluster whose every node is this machine: nothing listens beyond 127.0.0.1."""
-
-    @property
-    def backend_cls(self):
-        return _LoopbackTorchBackend
-
-
-def local_cluster() -> bool:
-    """Whether every node of the connected Ray cluster is on a loopback address (one machine)."""
-    addresses = [node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")]
-    try:
-        return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
-    except ValueError:  # a host name, not an address: not provably this machine
-        return False
 
 
 # ----- on the driver -----
@@ -325,14 +279,15 @@ def connect_ray(run: RunSettings) -> None:
 
 def _run_config(run: RunSettings) -> RunConfig:
     name = run.name if run.resume != "never" else f"{run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return RunConfig(name=name, storage_path=run.storage_path,
+    filesystem, storage = storage_filesystem(run.storage_path) if is_uri(run.storage_path) else (None, run.storage_path)
+    return RunConfig(name=name, storage_path=storage, storage_filesystem=filesystem,
                      checkpoint_config=CheckpointConfig(num_to_keep=run.num_to_keep),
                      failure_config=FailureConfig(max_failures=run.max_failures))
 
 
 def _open_run(cfg: TrainConfig, run: RunSettings, urls: list[str]) -> tuple[Tracker, str | None]:
     """Open the MLflow run; a resumed run first ends the RUNNING run its killed predecessor left."""
-    tracker = Tracker(run.mlflow_uri or default_tracking_uri(run.output))
+    tracker = Tracker(run.mlflow_uri or default_tracking_uri(run.output), output=run.output)
     tags = {"git_commit": git_commit(str(Path(__file__).resolve().parent)), **corpus_tags(cfg.corpus, len(urls)),
             "output": run.output}
     if run.mlflow_parent_run_id:  # a stage of a pipeline run (flows/pipeline.py)
@@ -370,11 +325,13 @@ def _closing(tracker: Tracker):
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-def _export(result, run: RunSettings, tracker: Tracker, preset: str) -> Path:
-    """The final model (safetensors + config.json) to OUT/model, whole or not at all; logged and registered."""
-    with result.checkpoint.as_directory() as folder:
-        model_dir = export_model(folder, Path(run.output) / "model")
-    tracker.log_artifacts(str(model_dir), "model")
+def _export(result, run: RunSettings, tracker: Tracker, preset: str) -> Path | str:
+    """The final model (safetensors + config.json) to OUT/model (a local folder or a URI); logged and registered."""
+    with result.checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as tmp:
+        model_dir = export_model(folder, join(run.output, "model"))
+        # MLflow logs a local folder: for a remote OUT, the same two files staged here
+        logged = export_model(folder, Path(tmp) / "model") if is_uri(model_dir) else model_dir
+        tracker.log_artifacts(str(logged), "model")
     tracker.register(f"clip-{preset}", "model")
     return model_dir
 
@@ -384,14 +341,19 @@ def _checked(cfg: TrainConfig, run: RunSettings) -> tuple[RunSettings, list[str]
 
     Every input is checked here, before Ray, MLflow or OUT are touched: InputError names the fix.
     """
-    output = Path(run.output).resolve()
-    if output.exists() and not output.is_dir():
-        raise InputError(str(output), "OUT is a file, not a folder", "give a folder for the training's outputs")
+    output, storage = _local(run.output), _local(run.storage_path)
+    if is_uri(output):
+        _check_writable(output, "OUT")
+    else:
+        output = str(Path(output).resolve())
+        if Path(output).exists() and not Path(output).is_dir():
+            raise InputError(output, "OUT is a file, not a folder", "give a folder for the training's outputs")
+    if storage and is_uri(storage):
+        _check_writable(storage, "--storage-path")
     cfg.check_workers(run.workers)
-    run = _auto_resume(dataclasses.replace(run, output=str(output), storage_path=run.storage_path or str(output / "ray")))
+    run = _auto_resume(dataclasses.replace(run, output=output, storage_path=storage or join(output, "ray")))
     urls = check_training_inputs(cfg, run.resume_from)
     _check_ray_checkpoint(cfg, run)
-    output.mkdir(parents=True, exist_ok=True)
     return run, urls
 
 
@@ -400,31 +362,32 @@ def _auto_resume(run: RunSettings) -> RunSettings:
 
     Ray Train resumes from its snapshot (checkpoint_manager_snapshot.json); a driver killed right
     after a checkpoint was written can leave the folder without the record, and finished work
-    must not be lost, so that folder is resumed as if named with --resume PATH (local storage).
+    must not be lost, so that folder is resumed as if named with --resume PATH (local or remote storage).
     """
-    if run.resume != "auto" or "://" in run.storage_path:
+    if run.resume != "auto":
         return run
-    folder = Path(run.storage_path) / run.name
-    if (folder / "checkpoint_manager_snapshot.json").exists():
+    folder = join(run.storage_path, run.name)
+    if _exists(join(folder, SNAPSHOT)):
         return run  # Ray resumes from its own record
     latest = latest_checkpoint(folder)
     return dataclasses.replace(run, resume=str(latest)) if latest else run
 
 
-def _ray_checkpoint(run: RunSettings) -> Path | None:
-    """The checkpoint Ray Train restores for this run name: its snapshot's latest (local storage only)."""
-    if run.resume == "never" or "://" in run.storage_path:
+def _ray_checkpoint(run: RunSettings) -> str | None:
+    """The checkpoint Ray Train restores for this run name: its snapshot's latest (a path or a URI)."""
+    if run.resume == "never":
         return None
-    folder = Path(run.storage_path) / run.name
-    snapshot = folder / "checkpoint_manager_snapshot.json"
+    folder = join(run.storage_path, run.name)
+    snapshot = join(folder, SNAPSHOT)
+    fs, path = fsspec.core.url_to_fs(snapshot)
     try:
-        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+        latest = json.loads(fs.cat_file(path)).get("latest_checkpoint_result") or {}
     except FileNotFoundError:
         return None
     except (ValueError, AttributeError) as e:
-        raise InputError(str(snapshot), f"not Ray's JSON record of a run ({e})", RESUME_FIX) from None
+        raise InputError(snapshot, f"not Ray's JSON record of a run ({e})", RESUME_FIX) from None
     name = latest.get("checkpoint_dir_name") if isinstance(latest, dict) else None
-    return folder / name if isinstance(name, str) else None  # another layout (a newer Ray): Ray checks it itself
+    return join(folder, name) if isinstance(name, str) else None  # another layout (a newer Ray): Ray checks it itself
 
 
 def _check_ray_checkpoint(cfg: TrainConfig, run: RunSettings) -> None:
@@ -432,10 +395,34 @@ def _check_ray_checkpoint(cfg: TrainConfig, run: RunSettings) -> None:
     folder = _ray_checkpoint(run)
     if folder is None:
         return
-    if not folder.is_dir():
-        raise InputError(str(folder), f"Ray's record of run {run.name!r} names this checkpoint, and it is gone",
+    fs, path = fsspec.core.url_to_fs(folder)
+    if not fs.isdir(path):
+        raise InputError(folder, f"Ray's record of run {run.name!r} names this checkpoint, and it is gone",
                          "start afresh with --resume never or a new OUT")
     check_checkpoint_matches(folder, cfg)
+
+
+def check_shared_storage(run: RunSettings) -> None:
+    """On a cluster of several nodes, checkpoints and OUT must be storage every node sees: else InputError.
+
+    A local folder on a multi-node cluster would split the checkpoints over the nodes' disks
+    (Ray Train V2 syncs nothing), and rank 0, wherever it runs, writes metrics.jsonl there.
+    """
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    local = [(what, path) for what, path in (("--storage-path", run.storage_path), ("OUT", run.output))
+             if not is_uri(path)]
+    if nodes < 2 or run.shared_storage or not local:
+        return
+    what, path = local[0]
+    raise InputError(f"{what} {path}", f"a local folder, and the Ray cluster has {nodes} nodes: each node would keep "
+                     "its own part of the checkpoints and outputs", "give an s3:// (or other fsspec) URI as OUT and "
+                     "--storage-path, or add --shared-storage if every node mounts this folder at the same path (NFS)")
+
+
+def _prepare_output(run: RunSettings) -> None:
+    """A local OUT is created once every check has passed (an object store needs no folders)."""
+    if not is_uri(run.output):
+        Path(run.output).mkdir(parents=True, exist_ok=True)
 
 
 def _torch_trainer(run: RunSettings, loop_config: dict) -> TorchTrainer:
@@ -454,26 +441,30 @@ def train(config: TrainConfig, run: RunSettings, callbacks: list | None = None) 
     TrainingError, ConnectionError."""
     # [1] Check the inputs before starting anything
     run, urls = _checked(config, run)
-    # [2] Connect to Ray, then open the MLflow run: options, preset, commit, corpus
+    # [2] Connect to Ray; several nodes need shared storage (checked before any worker starts)
     connect_ray(run)
+    check_shared_storage(run)
+    _prepare_output(run)
+    # [3] Open the MLflow run: options, preset, commit, corpus
     tracker, run_id = _open_run(config, run, urls)
     with _closing(tracker):
-        # [3] The TorchTrainer; configs cross to the workers as plain dicts
+        # [4] The TorchTrainer; configs cross to the workers as plain dicts
         trainer = _torch_trainer(run, {"train": config.to_dict(), "run": run.to_dict(), "urls": urls,
                                        "run_id": run_id, "tracking_uri": tracker.uri,
                                        "callbacks": list(callbacks or [])})
-        # [4] Train; failures come back with the last checkpoint named
+        # [5] Train; failures come back with the last checkpoint named
         try:
             result = trainer.fit()
         except ray.train.TrainingFailedError as e:
             raise TrainingError(f"training failed: {e}; checkpoints stay under {run.storage_path}") from e
         value = result.return_value or {}
         if "error" in value:
-            where = result.checkpoint.path if result.checkpoint else "none was written"
+            where = _as_uri(run.storage_path, result.checkpoint.path) if result.checkpoint else "none was written"
             raise TrainingError(f"{value['error']}; training stopped, last good checkpoint: {where}")
-        # [5] The final model to OUT/model, MLflow artifact and registry
+        # [6] The final model to OUT/model, MLflow artifact and registry
         model_dir = _export(result, run, tracker, config.preset)
     tracker.end("FINISHED")
-    return TrainSummary(steps=value.get("step"), model=str(model_dir), checkpoint=result.checkpoint.path,
+    return TrainSummary(steps=value.get("step"), model=str(model_dir),
+                        checkpoint=_as_uri(run.storage_path, result.checkpoint.path),
                         mlflow_run_id=run_id, tracking_uri=tracker.uri, history=value.get("history", []),
                         data=DataStats(**value.get("data", {})))

@@ -9,8 +9,10 @@
 # `ray dashboard infra/ray/cluster.yaml`, or the KubeRay head service): the same command runs
 # as a Ray Job with this directory as its working directory; `ray job submit` streams the
 # logs until the job ends (Ctrl-C detaches; `ray job stop ID` stops it). On a multi-node
-# cluster OUT and --storage-path must be shared storage (s3://, NFS/EFS, a RWX volume). CORPUS
-# and OUT are made absolute here; paths inside TRAIN_ARGS must be absolute or URIs already.
+# cluster OUT and --storage-path must be shared storage: an s3:// (fsspec) URI, or a folder
+# every node mounts (NFS/EFS, a RWX volume) with --shared-storage in TRAIN_ARGS; a local
+# folder is refused before any worker starts. Set MLFLOW_TRACKING_URI to a tracking server.
+# CORPUS and OUT are made absolute here; paths inside TRAIN_ARGS must be absolute or URIs already.
 #
 # RAY_ADDRESS unset: the driver starts a local Ray head for the run and stops it at the end
 # (workers at 0.5 CPU each, so a laptop's cores do not starve Ray).

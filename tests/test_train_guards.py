@@ -293,10 +293,11 @@ def test_a_resumed_run_ends_the_run_its_killed_predecessor_left_running(tmp_path
     from mlflow import MlflowClient
 
     from flows.tracking import Tracker
-    from flows.train import RunSettings, _checked, _open_run
+    from flows.train import RunSettings, _checked, _open_run, _prepare_output
 
     cfg = TrainConfig(corpus=corpus, steps=2)
     run, urls = _checked(cfg, RunSettings(output=str(tmp_path / "out")))
+    _prepare_output(run)
     killed_tracker, killed = _open_run(cfg, run, urls)  # a driver that then died by SIGKILL: its run stays RUNNING
     other = Tracker(killed_tracker.uri).start("clip", "clip-train", {}, {"output": "/another/out"})
     with pytest.warns(UserWarning, match="left RUNNING by a killed training; marked KILLED"):

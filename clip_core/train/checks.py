@@ -7,15 +7,16 @@ its headers.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import fsspec
 
-from clip_core.config import load_preset
+from clip_core.config import CLIPConfig, load_preset
 from clip_core.errors import InputError, check
 from clip_core.train.config import TrainConfig
 from clip_core.train.data import check_corpus, list_shards, load_excluded_keys
-from clip_core.weights import CONFIG_FILE, verify_checkpoint
+from clip_core.weights import CONFIG_FILE, MODEL_FILE, STATE_FILE, is_uri, verify_checkpoint
 
 RESUME_FIX = "give a checkpoint folder (OUT/ray/NAME/step_N), --resume auto to continue OUT's run, " \
              "or --resume never to start afresh"
@@ -39,9 +40,8 @@ def check_training_inputs(cfg: TrainConfig, resume: str | None = None) -> list[s
     exclude = load_excluded_keys(cfg.exclude)
     urls = check_corpus(cfg.corpus, exclude=exclude, exclude_source=cfg.exclude)
     if resume is not None:
-        check("://" in resume or Path(resume).is_dir(), "--resume", f"{resume} does not exist", RESUME_FIX)
-        if "://" not in resume:
-            check_checkpoint_matches(resume, cfg)
+        check(_is_dir(resume), "--resume", f"{resume} does not exist", RESUME_FIX)
+        check_checkpoint_matches(resume, cfg)
     return urls
 
 
@@ -65,13 +65,25 @@ def _differences(saved, wanted) -> list[str]:
     return [f"{k}: checkpoint {a.get(k)} vs configured {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+def remote_checkpoint_config(uri: str) -> CLIPConfig:
+    """The model config of a training checkpoint on an object store: its three files are there, config.json read."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    for name in (CONFIG_FILE, MODEL_FILE, STATE_FILE):
+        check(fs.isfile(f"{path}/{name}"), uri, f"not a whole training checkpoint: no {name}", RESUME_FIX)
+    try:
+        return CLIPConfig.from_dict(json.loads(fs.cat_file(f"{path}/{CONFIG_FILE}")))
+    except (ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
+        raise InputError(f"{uri}/{CONFIG_FILE}", f"not a CLIP config ({e})", RESUME_FIX) from None
+
+
 def check_checkpoint_matches(folder: str | Path, cfg: TrainConfig) -> None:
-    """InputError unless `folder` is a whole checkpoint of the model that `cfg` trains."""
-    saved, wanted = verify_checkpoint(folder), model_config(cfg)
+    """InputError unless `folder` (a local folder or an fsspec URI) is a whole checkpoint of the model `cfg` trains."""
+    remote = is_uri(folder)
+    saved, wanted = remote_checkpoint_config(str(folder)) if remote else verify_checkpoint(folder), model_config(cfg)
     if saved.to_dict() == wanted.to_dict():
         return
     diff = "; ".join(_differences(saved, wanted)[:4])
     size = f" --image-size {cfg.image_size}" if cfg.image_size else ""
-    raise InputError(str(Path(folder) / CONFIG_FILE), f"this checkpoint is of another model than --preset "
+    raise InputError(f"{folder}/{CONFIG_FILE}" if remote else str(Path(folder) / CONFIG_FILE), f"this checkpoint is of another model than --preset "
                      f"{cfg.preset}{size} ({diff})", "train with the checkpoint's preset to continue it, or start "
                      "afresh with --resume never or a new OUT")

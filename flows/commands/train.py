@@ -20,7 +20,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     S = argparse.SUPPRESS
     opt = parser.add_argument
     opt("corpus", help="WebDataset shards: a folder, glob or .tar (local, file://, s3://)")
-    opt("output", help="output folder: final model, metrics, mlflow.db, Ray checkpoints")
+    opt("output", help="output folder or URI (s3://bucket/run): final model, metrics, mlflow.db, Ray checkpoints")
     opt("--config", default=None, help="JSON/YAML file with the same keys; the command line wins")
     opt("--preset", default=S, help="model preset (see `clip-pipeline models`)")
     opt("--image-size", type=int, default=S, help="override the preset's image resolution")
@@ -48,10 +48,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     opt("--num-to-keep", type=int, default=S, help="checkpoints Ray keeps")
     opt("--max-failures", type=int, default=S, help="worker failures Ray recovers from")
     opt("--resume", default=S, help="auto (continue this run), never, or a checkpoint folder")
-    opt("--storage-path", default=S, help="Ray storage for checkpoints (local or s3://); default OUT/ray")
+    opt("--storage-path", default=S, help="Ray storage for checkpoints (a folder or any fsspec URI: s3://); "
+        "default OUT/ray. A multi-node cluster needs a URI or --shared-storage")
+    opt("--shared-storage", action=argparse.BooleanOptionalAction, default=S,
+        help="OUT and --storage-path are local paths every node mounts (NFS): allowed on a multi-node cluster")
     opt("--name", default=S, help="run name under the storage path")
     opt("--ray-address", default=S, help="Ray cluster address; default RAY_ADDRESS or a local cluster")
-    opt("--mlflow-uri", default=S, help="tracking URI; default MLFLOW_TRACKING_URI or sqlite:///OUT/mlflow.db")
+    opt("--mlflow-uri", default=S, help="tracking URI; default MLFLOW_TRACKING_URI or sqlite:///OUT/mlflow.db "
+        "(./mlflow.db for a remote OUT)")
     opt("--experiment", default=S, help="MLflow experiment name")
     opt("--log-every", type=int, default=S)
     opt("--exclude", default=S, metavar="KEYS",
