@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -242,6 +243,15 @@ def test_cli_arguments_and_bad_input(tmp_path, capsys):
     assert args.resize_mode == "center_crop"
     assert run_crawl_command(args) == 2
     assert "no 'caption' column" in capsys.readouterr().err
+    assert (args.executor, args.ray_address) == ("local", None)
+    ray_args = parser.parse_args([_no_caption(tmp_path), str(tmp_path / "out"), "--executor", "ray",
+                                  "--ray-address", "127.0.0.1:1"])
+    assert run_crawl_command(ray_args) == 2  # bad input is refused before any cluster is reached
+    assert "no 'caption' column" in capsys.readouterr().err
+    stray = parser.parse_args([_no_caption(tmp_path), str(tmp_path / "out"), "--ray-address", "127.0.0.1:1"])
+    assert run_crawl_command(stray) == 2
+    assert "--ray-address: is only used with --executor ray" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 # End to end on loopback.
@@ -290,7 +300,8 @@ def test_crawl_end_to_end_stats_and_rerun(tmp_path, web, outside):
     again = crawl(pairs, str(out), image_size=32, threads=4, number_sample_per_shard=5,
                   allow_networks=LOOPBACK, timeout=5)
     assert web.hits == hits and again.fetched_this_run == 0
-    per_run = ("wall_seconds", "images_per_second", "fetched_this_run")
+    assert stats.nodes == {socket.gethostname(): 3} and again.nodes == {}  # shards crawled, by node, this run
+    per_run = ("wall_seconds", "images_per_second", "fetched_this_run", "nodes")
     assert {k: v for k, v in again.to_dict().items() if k not in per_run} \
         == {k: v for k, v in stats.to_dict().items() if k not in per_run}
     written = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}

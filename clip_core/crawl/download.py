@@ -24,6 +24,11 @@ file in OUT is left alone and never counted.
 
 How img2dataset is run (behind the guard, in its own environment, from any thread, from a
 script without a `__main__` guard) is `crawl_guard`'s part; one crawl per process at a time.
+
+Where it runs: by default one img2dataset call in this process. With an executor (Ray tasks on a
+cluster), the crawl maps its unfinished shards as tasks (`shard_task.crawl_shard`), each with its
+own guard on its own node; the shards, keys and books are the same, and `nodes` in
+crawl_stats.json says how many shards each node crawled in this run.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ import re
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import fsspec
@@ -47,8 +52,10 @@ from clip_core.crawl.safety import (
     PreparedPairs, Resolver, UrlPolicy, check_fetchable, check_options, parse_networks,
     prepare_pairs, read_pairs,
 )
+from clip_core.crawl.shard_task import crawl_shard, shard_tasks
 from clip_core.data.parquet import write_json, write_parquet
 from clip_core.errors import InputError, check
+from clip_core.executors import Executor, host_name, map_counting_nodes
 
 DEFAULT_DISALLOWED = ("noai", "noimageai", "noindex", "noimageindex")
 # Errors a retry cannot fix: gone pages, the site's own opt-out, our guard's refusals, and a URL
@@ -85,6 +92,7 @@ class CrawlStats:
     incomplete_shards: int = 0
     wall_seconds: float = 0.0
     images_per_second: float = 0.0
+    nodes: dict[str, int] = field(default_factory=dict)  # node -> shards it crawled in this run
 
     def to_dict(self) -> dict:
         """A JSON-ready dict: crawl_stats.json's content."""
@@ -106,7 +114,7 @@ class CrawlStats:
             f"failed to resize {self.failed_to_resize}",
             f"shards {self.shards} ({self.incomplete_shards} incomplete), {self.bytes_written} bytes; "
             f"fetched {self.fetched_this_run} in {self.wall_seconds:.1f} s "
-            f"({self.images_per_second:.1f} images/s)",
+            f"({self.images_per_second:.1f} images/s)" + (f"; shards by node {self.nodes}" if self.nodes else ""),
         ])
 
 
@@ -310,14 +318,16 @@ def crawl(
     user_agent_token: str | None = None,
     guard: bool = True,
     resolver: Resolver = socket.getaddrinfo,
+    executor: Executor | None = None,
 ) -> CrawlStats:
     """Download the safe pairs of `pairs_uri` into WebDataset shards under `out_uri`.
 
     resize_mode "center_crop" (shorter side to image_size, then a centred square) is what
     CLIP's own preprocessing does; "keep_ratio" keeps the whole picture for random crops.
     guard sends img2dataset's requests through `GuardProxy`, so redirects obey the policy too
-    (it replaces any proxy configured in the environment). Bad input raises InputError
-    before anything is written.
+    (it replaces any proxy configured in the environment). executor: None runs one
+    img2dataset call here; an Executor maps the shards as tasks, each behind a guard of its
+    own (`processes` is then 1 per task). Bad input raises InputError before anything is written.
     """
     start = time.perf_counter()
     check_options(image_size, processes, threads, number_sample_per_shard, timeout, retries,
@@ -344,14 +354,18 @@ def crawl(
         number_sample_per_shard=number_sample_per_shard, save_additional_columns=prepared.extra_columns or None,
         timeout=timeout, retries=retries, disallowed_header_directives=list(disallowed_header_directives),
         user_agent_token=user_agent_token, enable_wandb=False)
-    run = functools.partial(_call, folder, policy if guard else None)
+    nodes: Counter = Counter()
+    if executor is None:
+        run = functools.partial(_call, folder, policy if guard else None, options)
+    else:
+        run = functools.partial(_map_shards, folder, policy if guard else None, options, executor, nodes)
     before = folder.sweep()
     main_shards = math.ceil(prepared.safe.num_rows / number_sample_per_shard)
     if set(range(main_shards)) - before.stats:
-        run(dict(options, url_list=_uri(fs, staging), incremental_mode="incremental"))
+        run(staging, prepared.safe, 0)
     if retry_failed:
-        stats.retried_this_run = _retry_round(folder, prepared, main_shards, options, run)
-    _finish(folder, stats, before.stats, start)
+        stats.retried_this_run = _retry_round(folder, prepared, main_shards, run)
+    _finish(folder, stats, before.stats, start, nodes if executor is not None else None)
     return stats
 
 
@@ -360,7 +374,28 @@ def _uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
-def _call(folder: CrawlFolder, policy: UrlPolicy | None, kwargs: dict) -> None:
+def _call(folder: CrawlFolder, policy: UrlPolicy | None, options: dict, path: str, table: pa.Table,
+          first: int) -> None:
+    """One img2dataset call here on the rows at `path` (shards from `first`), behind the guard if given.
+
+    Its "incremental" mode skips the main run's finished shards; "extend" numbers a retry round
+    after the highest shard with stats, which is `first`.
+    """
+    mode = "extend" if first else "incremental"
+    _run_here(folder, policy, dict(options, url_list=_uri(folder.fs, path), incremental_mode=mode))
+
+
+def _map_shards(folder: CrawlFolder, policy: UrlPolicy | None, options: dict, executor: Executor,
+                nodes: Counter, path: str, table: pa.Table, first: int) -> None:
+    """The unfinished shards of `table` (ids from `first`) as tasks on `executor`; count each node's shards."""
+    done = folder.sweep().stats
+    tasks = shard_tasks(table, first, options["number_sample_per_shard"], done, options, policy)
+    with _stats_aside(folder.fs, folder.out):
+        for _ in map_counting_nodes(executor, crawl_shard, tasks, nodes):
+            pass
+
+
+def _run_here(folder: CrawlFolder, policy: UrlPolicy | None, kwargs: dict) -> None:
     """Sweep this crawl's unfinished shards and run img2dataset, behind the guard if given."""
     folder.sweep()
     with _stats_aside(folder.fs, folder.out):
@@ -388,7 +423,8 @@ def _stats_aside(fs: fsspec.AbstractFileSystem, out: str) -> Iterator[None]:
         raise
 
 
-def _retry_round(folder: CrawlFolder, prepared: PreparedPairs, main_shards: int, options: dict, run) -> int:
+def _retry_round(folder: CrawlFolder, prepared: PreparedPairs, main_shards: int,
+                 run: Callable[[str, pa.Table, int], None]) -> int:
     """Fetch again the samples whose last attempt failed, into shards after the last one."""
     fs, out = folder.fs, folder.out
     listing = folder.shards()
@@ -406,7 +442,7 @@ def _retry_round(folder: CrawlFolder, prepared: PreparedPairs, main_shards: int,
     _check_free(fs, out, range(first, first + math.ceil(table.num_rows / folder.manifest["number_sample_per_shard"])))
     path = f"{out}/_input/retry_{first:05d}.parquet"
     write_parquet(fs, path, table)
-    run(dict(options, url_list=_uri(fs, path), incremental_mode="extend"))
+    run(path, table, first)
     return table.num_rows
 
 
@@ -417,10 +453,13 @@ def _check_free(fs: fsspec.AbstractFileSystem, out: str, shards: range) -> None:
           "move them out of OUT")
 
 
-def _finish(folder: CrawlFolder, stats: CrawlStats, done_before: set[int], start: float) -> None:
-    """Reduce the shards' outcomes into `stats` and write OUT/crawl_stats.json."""
+def _finish(folder: CrawlFolder, stats: CrawlStats, done_before: set[int], start: float,
+            nodes: Counter | None) -> None:
+    """Reduce the shards' outcomes into `stats` and write OUT/crawl_stats.json; nodes None: all ran here."""
     fs, out = folder.fs, folder.out
     listing = folder.shards()
+    new = listing.stats - done_before
+    stats.nodes = dict(nodes) if nodes is not None else ({host_name(): len(new)} if new else {})
     complete = sorted(listing.stats)
     aggregate(stats, read_outcomes(fs, out, complete))
     stats.not_attempted = stats.queued - stats.attempted

@@ -154,8 +154,9 @@ def add_crawl_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resize-mode", default="center_crop",
                         choices=RESIZE_MODES,
                         help="center_crop is CLIP's preprocessing; keep_ratio keeps the whole image")
-    parser.add_argument("--processes", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--processes", type=int, default=1,
+                        help="img2dataset processes for --executor local (ray: one per shard task)")
+    parser.add_argument("--threads", type=int, default=16, help="download threads per process")
     parser.add_argument("--number-sample-per-shard", type=int, default=10_000)
     parser.add_argument("--allow-network", action="append", default=[], metavar="CIDR",
                         help="fetch from this network although it is private/loopback (repeatable); "
@@ -168,17 +169,20 @@ def add_crawl_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--user-agent-token", default=None)
     parser.add_argument("--no-guard", dest="guard", action="store_false",
                         help="do not route requests through the guard proxy (redirects then go unchecked)")
+    add_executor_arguments(parser)
 
 
 def run_crawl_command(args: argparse.Namespace) -> int:
     """Run `crawl` from parsed arguments; print the summary. 0 ok, 1 incomplete run, 2 bad input."""
     try:
-        stats = crawl(
-            args.pairs, args.out, image_size=args.image_size, processes=args.processes,
-            threads=args.threads, resize_mode=args.resize_mode,
-            number_sample_per_shard=args.number_sample_per_shard, allow_networks=args.allow_network,
-            timeout=args.timeout, retries=args.retries, retry_failed=args.retry_failed,
-            encode_quality=args.encode_quality, user_agent_token=args.user_agent_token, guard=args.guard)
+        with stage_executor(args.executor, args.ray_address, None) as executor:  # None: one local img2dataset call
+            stats = crawl(
+                args.pairs, args.out, image_size=args.image_size, processes=args.processes,
+                threads=args.threads, resize_mode=args.resize_mode,
+                number_sample_per_shard=args.number_sample_per_shard, allow_networks=args.allow_network,
+                timeout=args.timeout, retries=args.retries, retry_failed=args.retry_failed,
+                encode_quality=args.encode_quality, user_agent_token=args.user_agent_token, guard=args.guard,
+                executor=executor)
     except BAD_INPUT_ERRORS as err:
         print(f"clip-pipeline crawl: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
