@@ -5,6 +5,14 @@ stats JSON it writes last) exists is skipped, so a re-run redoes only what is mi
 report reads each stage's typed stats back from its folder (`CurationStats.read(OUT)`, ...).
 With no sources given, the flow builds on the embedded default: the synthetic web,
 generated under the storage URI and served on 127.0.0.1 by the flow itself.
+
+`ray_address` sends the stages to a Ray cluster: one RayExecutor, opened once per flow run and
+shut down at its end, maps every stage's shards (extract, queries, curate, crawl, dedup) as Ray tasks
+over the nodes, while each stage stays a Prefect task with its retries, artifacts and MLflow
+run. prefect-ray's RayTaskRunner is not used: it would place a whole Prefect task on one Ray
+worker, and the stages already spread their own shards over every node (and the stages run one
+after another, so there is nothing for a task runner to run side by side). The synthetic web is
+served on the flow's 127.0.0.1: on a cluster of several machines, give real sources.
 """
 from __future__ import annotations
 
@@ -12,9 +20,10 @@ import contextlib
 import os
 
 from prefect import flow, get_run_logger, task
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
-from flows.common import exists, free_port, join, markdown_artifact, retry_unless_bad_input, table_artifact
+from flows.common import (check_ray_address, exists, free_port, join, markdown_artifact, retry_unless_bad_input,
+                          table_artifact)
 from flows.pipeline_runs import log_stage, start_parent, tracking_uri
 from flows.tracking import Tracker
 
@@ -39,14 +48,23 @@ class CorpusConfig(BaseModel):
     queries: str | None = Field(None, description="a ready query list; skips the queries stage")
     max_per_query: int = Field(20000, description="t: at most this many pairs per query")
     target_size: int | None = None
+    curate_shard_rows: int = Field(250_000, description="candidate rows per curate task")
     eval_dirs: list[str] = Field(default_factory=list, description="eval sets to dedup against; empty: the web's")
     allow_networks: list[str] = Field(default_factory=lambda: ["127.0.0.1/32"])
     image_size: int = 64
     processes: int = 1
     threads: int = 16
     timeout: int = 10
+    samples_per_shard: int = Field(10_000, description="images per corpus shard (a crawl and a dedup task each)")
     descriptor: str = "default"
     precision: float = 0.99
+    ray_address: str | None = Field(None, description='Ray cluster for every stage ("auto" or HOST:PORT); '
+                                                      "null or empty: local executors")
+
+    @field_validator("ray_address")
+    @classmethod
+    def _blank_is_local(cls, address: str | None) -> str | None:
+        return (address or "").strip() or None  # an unset Prefect variable renders as ""
 
 
 @task
@@ -61,54 +79,70 @@ def synthetic_web(cfg: CorpusConfig) -> str:
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_bad_input)
-def extract_pairs(wat: list[str], out: str) -> str:
+def extract_pairs(wat: list[str], out: str, executor=None) -> str:
     from clip_core.extract import extract
 
     if not exists(join(out, "extract_stats.json")):
-        extract(wat, out)
+        extract(wat, out, executor=executor)
     return out
 
 
 @task
-def build_query_list(cfg: CorpusConfig, corpus: list[str], out: str) -> str:
+def build_query_list(cfg: CorpusConfig, corpus: list[str], out: str, executor=None) -> str:
     from clip_core.curation.queries import build_queries
 
     if not exists(out):
         build_queries(corpus, out, min_count=cfg.min_count, min_pmi=cfg.min_pmi,
-                      wordnet_dir=cfg.wordnet, text_column=cfg.text_column)
+                      wordnet_dir=cfg.wordnet, text_column=cfg.text_column, executor=executor)
     return out
 
 
 @task
-def curate_pairs(cfg: CorpusConfig, pairs: list[str], queries: str, out: str) -> str:
+def curate_pairs(cfg: CorpusConfig, pairs: list[str], queries: str, out: str, executor=None) -> str:
     from clip_core.curation.curate import curate
 
     if not exists(join(out, "curation_stats.json")):
-        curate(pairs, queries, out, max_per_query=cfg.max_per_query, target_size=cfg.target_size, seed=cfg.seed)
+        curate(pairs, queries, out, max_per_query=cfg.max_per_query, target_size=cfg.target_size, seed=cfg.seed,
+               shard_rows=cfg.curate_shard_rows, executor=executor)
     return out
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_bad_input)
-def crawl_pairs(cfg: CorpusConfig, curated: str, out: str, web: str | None) -> str:
+def crawl_pairs(cfg: CorpusConfig, curated: str, out: str, web: str | None, executor=None) -> str:
     from clip_core.crawl import CrawlStats, crawl
 
     if exists(join(out, "crawl_stats.json")) and not CrawlStats.read(out).incomplete_shards:
         return out
     with serving(web):  # a retry resumes: finished shards are kept, unfinished ones fetched again
         stats = crawl(curated, out, image_size=cfg.image_size, processes=cfg.processes, threads=cfg.threads,
-                      allow_networks=cfg.allow_networks, timeout=cfg.timeout)
+                      number_sample_per_shard=cfg.samples_per_shard, allow_networks=cfg.allow_networks,
+                      timeout=cfg.timeout, executor=executor)
     if stats.incomplete_shards:
         raise RuntimeError(f"crawl left {stats.incomplete_shards} incomplete shard(s) in {out}")
     return out
 
 
 @task
-def dedup_corpus(cfg: CorpusConfig, shards: str, eval_dirs: list[str], out: str) -> str:
+def dedup_corpus(cfg: CorpusConfig, shards: str, eval_dirs: list[str], out: str, executor=None) -> str:
     from dedup.near_dup import dedup
 
     if not exists(join(out, "dedup_stats.json")):
-        dedup(shards, out, eval_dirs, descriptor=cfg.descriptor, precision=cfg.precision, seed=cfg.seed)
+        dedup(shards, out, eval_dirs, descriptor=cfg.descriptor, precision=cfg.precision, seed=cfg.seed,
+              executor=executor)
     return out
+
+
+@contextlib.contextmanager
+def cluster_executor(address: str | None):
+    """One RayExecutor on the cluster at address for every stage of a flow run, shut down at the end;
+    None: each stage's own local executor, as on a laptop."""
+    if not address:
+        yield None
+        return
+    from flows.executors import RayExecutor  # Ray is imported only when a cluster is asked for
+
+    with RayExecutor(address=address) as executor:
+        yield executor
 
 
 @contextlib.contextmanager
@@ -174,26 +208,53 @@ def report_corpus(uris: dict, mlflow_uri: str, cfg: CorpusConfig, parent_run_id:
     return metrics
 
 
-@flow(name="build-corpus", log_prints=True)
-def build_corpus(cfg: CorpusConfig = CorpusConfig(), mlflow_uri: str | None = None,
-                 parent_run_id: str | None = None) -> dict:
-    """queries -> curate -> crawl -> dedup; returns the URIs of every stage's output."""
-    log = get_run_logger()
+def corpus_nodes(uris: dict, built_queries: bool) -> list[dict]:
+    """Where each stage's work ran: a row per stage and node, from the stats' `nodes` ({node: items})."""
+    from clip_core.crawl import CrawlStats
+    from clip_core.curation.curate import CurationStats
+    from clip_core.curation.queries import QueryStats
+
+    nodes = {"queries": QueryStats.read(uris["queries"]).nodes} if built_queries else {}
+    nodes["curate"] = CurationStats.read(uris["curated"]).nodes
+    nodes["crawl"] = CrawlStats.read(uris["shards"]).nodes  # shards crawled in its last run
+    if uris["dedup"]:
+        from dedup.near_dup import DedupStats
+
+        nodes["dedup"] = DedupStats.read(uris["dedup"]).nodes
+    return [{"stage": stage, "node": node, "items": n} for stage, counts in nodes.items() for node, n in counts.items()]
+
+
+def run_stages(cfg: CorpusConfig, executor) -> dict:
+    """The DAG: extract or the synthetic web -> queries -> curate -> crawl -> dedup; the URIs of each output."""
     web = None
     if cfg.wat:
-        pairs = [extract_pairs(cfg.wat, join(cfg.storage, "candidates"))]
+        pairs = [extract_pairs(cfg.wat, join(cfg.storage, "candidates"), executor)]
     elif cfg.pairs:
         pairs = cfg.pairs
     else:
         web = synthetic_web(cfg)
         pairs = [join(web, "pairs.parquet")]
     eval_dirs = cfg.eval_dirs or (web_eval_dirs(web) if web else [])
-    queries = cfg.queries or build_query_list(cfg, cfg.query_corpus or pairs, join(cfg.storage, "queries.parquet"))
-    curated = curate_pairs(cfg, pairs, queries, join(cfg.storage, "curated"))
-    shards = crawl_pairs(cfg, curated, join(cfg.storage, "shards"), web)
-    deduped = dedup_corpus(cfg, shards, eval_dirs, join(cfg.storage, "dedup")) if eval_dirs else None
-    uris = {"web": web, "pairs": pairs, "queries": queries, "curated": curated, "shards": shards,
+    queries = cfg.queries or build_query_list(cfg, cfg.query_corpus or pairs, join(cfg.storage, "queries.parquet"),
+                                              executor)
+    curated = curate_pairs(cfg, pairs, queries, join(cfg.storage, "curated"), executor)
+    shards = crawl_pairs(cfg, curated, join(cfg.storage, "shards"), web, executor)
+    deduped = dedup_corpus(cfg, shards, eval_dirs, join(cfg.storage, "dedup"), executor) if eval_dirs else None
+    return {"web": web, "pairs": pairs, "queries": queries, "curated": curated, "shards": shards,
             "dedup": deduped, "eval_dirs": eval_dirs}
+
+
+@flow(name="build-corpus", log_prints=True)
+def build_corpus(cfg: CorpusConfig = CorpusConfig(), mlflow_uri: str | None = None,
+                 parent_run_id: str | None = None) -> dict:
+    """queries -> curate -> crawl -> dedup (on cfg.ray_address's cluster if set); the URIs of every output."""
+    log = get_run_logger()
+    if cfg.ray_address:  # before any work: a wrong address fails now, not after the web is built
+        check_ray_address("build-corpus cfg.ray_address", cfg.ray_address)
+    with cluster_executor(cfg.ray_address) as executor:
+        uris = run_stages(cfg, executor)
     report_corpus(uris, mlflow_uri or tracking_uri(cfg.storage), cfg, parent_run_id)
+    table_artifact("corpus-nodes", corpus_nodes(uris, built_queries=not cfg.queries),
+                   f"where each stage ran (Ray node ids, or the host name locally) for {cfg.storage}")
     log.info("corpus ready: %s", uris)
     return uris

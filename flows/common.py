@@ -13,7 +13,7 @@ import socket
 
 import fsspec
 
-from clip_core.errors import BAD_INPUT_ERRORS
+from clip_core.errors import BAD_INPUT_ERRORS, InputError
 
 
 def join(uri: str, *parts: str) -> str:
@@ -43,6 +43,20 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def check_ray_address(where: str, address: str) -> None:
+    """A Ray address is "auto", HOST:PORT or ray://HOST:PORT, and a HOST:PORT answers (before any work)."""
+    if address == "auto":
+        return
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    fix = 'give "auto" (the cluster this machine belongs to), HOST:PORT or ray://HOST:PORT; null runs locally'
+    if address.split("://", 1)[0] not in ("ray", address) or not host or not port.isdigit():
+        raise InputError(where, f"{address!r} is not a Ray address", fix)
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise InputError(where, f"nothing answers at {address} ({e})", "start the cluster, or fix the address") from e
 
 
 # Ray's switch for single-machine clusters: read when `ray` is imported, by every Ray process

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from prefect import flow, get_run_logger
 
 from flows.build_corpus import CorpusConfig, build_corpus, web_eval_dirs
-from flows.common import join
+from flows.common import check_ray_address, join
 from flows.evaluate import evaluate
 from flows.pipeline_runs import EXPERIMENT, log_stage, start_child, start_parent, tracking_uri
 
@@ -26,11 +26,12 @@ def train_model(corpus: str, output: str, preset: str = "tiny", steps: int = 300
                 exclude: str | None = None, eval_dirs: list[str] | None = None, mlflow_uri: str | None = None,
                 checkpoint_every: int = 50, max_failures: int = 2, seed: int = 0,
                 mlflow_parent_run_id: str | None = None,
-                experiment: str = "clip") -> TrainSummary:
+                experiment: str = "clip", ray_address: str | None = None) -> TrainSummary:
     """Ray Train contrastive training of `preset` on the corpus shards; returns the summary.
 
     An `exclude` file is passed on as given: one that does not exist is refused before training
-    starts (training on the samples it should leave out would be a silent mistake).
+    starts (training on the samples it should leave out would be a silent mistake). `ray_address`
+    None: RAY_ADDRESS, else a local cluster on 127.0.0.1.
     """
     from clip_core.train.config import TrainConfig
     from flows.train import RunSettings, train
@@ -40,7 +41,8 @@ def train_model(corpus: str, output: str, preset: str = "tiny", steps: int = 300
                          eval=tuple(eval_dirs or ()))
     run = RunSettings(output=output, workers=workers, cpus_per_worker=cpus_per_worker,
                       gpus_per_worker=gpus_per_worker, checkpoint_every=checkpoint_every, max_failures=max_failures,
-                      mlflow_uri=mlflow_uri, experiment=experiment, mlflow_parent_run_id=mlflow_parent_run_id)
+                      mlflow_uri=mlflow_uri, experiment=experiment, mlflow_parent_run_id=mlflow_parent_run_id,
+                      ray_address=ray_address or None)
     return train(config, run)
 
 
@@ -56,20 +58,29 @@ def overlap_analysis(checkpoint: str, eval_dirs: list[str], matches: str, out_di
 
 @flow(name="clip-pipeline", log_prints=True)
 def clip_pipeline(storage: str = "runs/demo", web_pairs: int = 3000, max_per_query: int = 500, steps: int = 300,
-                  batch_size: int = 64, workers: int = 2, preset: str = "tiny", seed: int = 0) -> dict:
-    """The whole DAG on the embedded default: corpus, training, evaluation, overlap analysis."""
+                  batch_size: int = 64, workers: int = 2, preset: str = "tiny", seed: int = 0,
+                  ray_address: str | None = None) -> dict:
+    """The whole DAG on the embedded default: corpus, training, evaluation, overlap analysis.
+
+    ray_address ("auto" or HOST:PORT) sends the corpus stages and the training to that cluster;
+    None: local executors for the corpus, and RAY_ADDRESS or a local Ray for the training.
+    """
+    ray_address = (ray_address or "").strip() or None  # an unset Prefect variable renders as ""
+    if ray_address:  # before the MLflow parent run: a wrong address leaves nothing behind
+        check_ray_address("clip-pipeline ray_address", ray_address)
     log = get_run_logger()
     uri = tracking_uri(storage)
     parent = start_parent(uri, "clip-pipeline", {"storage": storage, "web_pairs": web_pairs, "steps": steps,
                                                  "max_per_query": max_per_query, "preset": preset, "seed": seed})
-    cfg = CorpusConfig(storage=storage, web_pairs=web_pairs, max_per_query=max_per_query, seed=seed)
+    cfg = CorpusConfig(storage=storage, web_pairs=web_pairs, max_per_query=max_per_query, seed=seed,
+                       ray_address=ray_address)
     corpus = build_corpus(cfg, mlflow_uri=uri, parent_run_id=parent.run_id)
     evals = corpus["eval_dirs"] or web_eval_dirs(corpus["web"])
     matches = join(corpus["dedup"], "matches.parquet") if corpus["dedup"] else None
     output = join(storage, "train")
     summary = train_model(corpus["shards"], output, preset=preset, steps=steps, batch_size=batch_size,
                           workers=workers, exclude=matches, mlflow_uri=uri, seed=seed,
-                          mlflow_parent_run_id=parent.run_id, experiment=EXPERIMENT)
+                          mlflow_parent_run_id=parent.run_id, experiment=EXPERIMENT, ray_address=ray_address)
     child = start_child(parent, "evaluate", {"checkpoint": output})
     records = evaluate(output, evals, ["zeroshot", "retrieval"], join(storage, "eval"), mlflow_uri=uri,
                        mlflow_run_id=child.run_id)

@@ -32,3 +32,24 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A real 2-node Ray cluster on 127.0.0.1 (head and worker, one CPU each); (cluster, its node ids)."""
+    import shutil
+    import tempfile
+
+    from ray.cluster_utils import Cluster
+
+    temp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_TMPDIR", temp)  # the session and the address file in a folder of ours, not /tmp/ray
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        try:
+            cluster.add_node(num_cpus=1)
+            cluster.wait_for_nodes()
+            yield cluster, {cluster.head_node.node_id, *(n.node_id for n in cluster.worker_nodes)}
+        finally:
+            cluster.shutdown()
+            shutil.rmtree(temp, ignore_errors=True)

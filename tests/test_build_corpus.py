@@ -1,13 +1,18 @@
 """build-corpus re-runs are cheap: a stage whose marker exists is not redone; its report reads
 the stages' typed stats back."""
 import json
+import socket
 
 import pytest
 
 import clip_core.crawl
 import clip_core.curation.curate
+import clip_core.curation.queries
 import dedup.near_dup
-from flows.build_corpus import CorpusConfig, corpus_metrics, crawl_pairs, curate_pairs, dedup_corpus
+from clip_core.errors import InputError
+from flows.build_corpus import (CorpusConfig, build_query_list, cluster_executor, corpus_metrics, crawl_pairs,
+                                curate_pairs, dedup_corpus)
+from flows.common import check_ray_address, free_port
 
 
 def _refuse(*args, **kwargs):
@@ -104,3 +109,38 @@ def test_bad_input_is_not_retried_io_errors_are(tmp_path):
         with pytest.raises(type(error)):
             run(error)
     assert calls == ["InputError", "ConnectionError", "ConnectionError", "ConnectionError"]
+
+
+def test_a_blank_ray_address_means_local_executors():
+    assert CorpusConfig(ray_address="  ").ray_address is None and CorpusConfig().ray_address is None
+    assert CorpusConfig(ray_address="auto").ray_address == "auto"
+
+
+@pytest.mark.parametrize("address", ["http://127.0.0.1:6379", "127.0.0.1", "ray://:10001", "head:port"])
+def test_a_malformed_ray_address_is_refused(address):
+    with pytest.raises(InputError, match="cfg.ray_address: .* is not a Ray address"):
+        check_ray_address("cfg.ray_address", address)
+
+
+def test_a_ray_address_where_nothing_listens_is_refused():
+    port = free_port()  # free now: nothing answers there
+    with pytest.raises(InputError, match=f"nothing answers at 127.0.0.1:{port}"):
+        check_ray_address("cfg.ray_address", f"127.0.0.1:{port}")
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        check_ray_address("cfg.ray_address", f"ray://127.0.0.1:{server.getsockname()[1]}")  # answers: accepted
+    check_ray_address("cfg.ray_address", "auto")
+
+
+def test_the_stages_map_with_the_flows_executor(tmp_path, monkeypatch):
+    """queries, curate and dedup get the one executor the flow opened (a cluster's, or None: local)."""
+    seen, executor = {}, object()
+    for module, name in ((clip_core.curation.queries, "build_queries"), (clip_core.curation.curate, "curate"),
+                         (dedup.near_dup, "dedup")):
+        monkeypatch.setattr(module, name, lambda *a, _name=name, **kw: seen.setdefault(_name, kw["executor"]))
+    cfg = CorpusConfig(storage=str(tmp_path))
+    build_query_list.fn(cfg, ["pairs.parquet"], str(tmp_path / "q.parquet"), executor)
+    curate_pairs.fn(cfg, ["pairs.parquet"], "q.parquet", str(tmp_path / "curated"), executor)
+    dedup_corpus.fn(cfg, str(tmp_path / "shards"), ["eval"], str(tmp_path / "dedup"), executor)
+    assert seen == {"build_queries": executor, "curate": executor, "dedup": executor}
+    with cluster_executor(None) as local:
+        assert local is None

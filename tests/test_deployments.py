@@ -37,3 +37,14 @@ def test_build_corpus_deployment_runs_to_completed(tmp_path):
                               text=True, timeout=120)
     assert "stopped serve" in down.stdout and "stopped server" in down.stdout
     assert not (tmp_path / "state" / "server.pid").exists()
+
+
+def test_one_setting_sends_the_deployments_to_a_cluster():
+    """`python -m flows.deployments --ray-address ADDR`: build-corpus, train and clip-pipeline run there."""
+    from flows.deployments import deployments
+
+    by_flow = {d.flow_name: d.parameters for d in deployments(ray_address="auto")}
+    assert by_flow["build-corpus"]["cfg"]["ray_address"] == "auto"
+    assert by_flow["train"]["ray_address"] == "auto" and by_flow["clip-pipeline"]["ray_address"] == "auto"
+    local = {d.flow_name: d.parameters for d in deployments()}
+    assert local["build-corpus"]["cfg"]["ray_address"] is None and local["clip-pipeline"]["ray_address"] is None
