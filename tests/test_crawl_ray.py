@@ -8,13 +8,11 @@ and one on 127.0.0.2 (outside the allowlist, must see no request, not even throu
 import dataclasses
 import io
 import os
-import shutil
 import socket
-import tempfile
 
 import pytest
 from PIL import Image
-from test_crawl import ImageWeb, read_tars, write_pairs
+from test_crawl import outside, read_tars, web, write_pairs  # noqa: F401  (fixtures)
 
 from clip_core.crawl import CrawlStats, crawl
 from clip_core.crawl.guard import REFUSED
@@ -24,18 +22,6 @@ from flows.cli import main
 LOOPBACK = ("127.0.0.1/32",)
 PER_RUN = {"wall_seconds", "images_per_second", "nodes"}
 OPTIONS = dict(image_size=32, threads=2, number_sample_per_shard=3, allow_networks=LOOPBACK, timeout=5)
-
-
-@pytest.fixture
-def web():
-    with ImageWeb() as w:
-        yield w
-
-
-@pytest.fixture
-def outside():
-    with ImageWeb("127.0.0.2") as w:
-        yield w
 
 
 def _urls(web, outside, flaky=True):
@@ -77,21 +63,9 @@ def test_mapped_shards_give_the_local_corpus_and_books(tmp_path, web, outside):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """A head and a worker node, one CPU each, on 127.0.0.1; their Ray node ids."""
-    from ray.cluster_utils import Cluster
-
-    temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("RAY_TMPDIR", temp)
-        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-        try:
-            c.add_node(num_cpus=1)
-            c.wait_for_nodes()
-            yield c, {c.head_node.node_id, *(n.node_id for n in c.worker_nodes)}
-        finally:
-            c.shutdown()
-            shutil.rmtree(temp, ignore_errors=True)
+def cluster(ray_cluster):
+    """conftest's 2-node cluster on 127.0.0.1: (cluster, its node ids)."""
+    return ray_cluster
 
 
 def _recording(address):

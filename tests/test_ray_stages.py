@@ -5,9 +5,7 @@ RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is imported), one CPU each; the s
 with `RayExecutor(address=...)` and their stats' `nodes` must name both nodes with work on each.
 """
 import json
-import shutil
 import socket
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,21 +28,9 @@ TIMINGS = {"seconds", "pairs_per_s", "nodes"}  # what may differ between two run
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """A head and a worker node, one CPU each, on 127.0.0.1; their Ray node ids."""
-    from ray.cluster_utils import Cluster
-
-    temp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("RAY_TMPDIR", temp)  # the session and the address file in a folder of ours, not /tmp/ray
-        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-        try:
-            c.add_node(num_cpus=1)
-            c.wait_for_nodes()
-            yield c, {c.head_node.node_id, *(n.node_id for n in c.worker_nodes)}
-        finally:
-            c.shutdown()
-            shutil.rmtree(temp, ignore_errors=True)
+def cluster(ray_cluster):
+    """conftest's 2-node cluster on 127.0.0.1: (cluster, its node ids)."""
+    return ray_cluster
 
 
 @pytest.fixture(scope="module")
