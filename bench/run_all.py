@@ -27,6 +27,7 @@ BENCHES = {  # name: (full arguments, quick arguments)
     "crawl": (["crawl_bench.py"], ["crawl_bench.py", "--images", "600", "--repeats", "3"]),
     "extract": (["extract_bench.py"], ["extract_bench.py", "--files", "4", "--pages", "500"]),
     "dedup": (["dedup_bench.py"], ["dedup_bench.py", "--quick"]),
+    "ray stages": (["ray_stages_bench.py"], ["ray_stages_bench.py", "--webs", "1", "--crawl-urls", "200"]),
     "train step": (["train_bench.py"], ["train_bench.py", "--steps", "20", "--warmup", "5"]),
 }
 
