@@ -46,3 +46,12 @@ def test_a_damaged_shard_error_crosses_a_process_whole():
     assert (err.path, err.samples_read, err.reason, err.detail, err.lost_key) == (
         "s/00001.tar", 7, "truncated", "unexpected end", "00001/0007")
     assert isinstance(err, InputError) and "after 7 complete samples" in str(err)
+
+
+def test_a_glob_or_one_tar_file_lists_like_a_folder(tmp_path):
+    write_shards(str(tmp_path / "c"), [{"__key__": f"{i:04d}", "txt": "x"} for i in range(6)], maxcount=2)
+    folder = list_shards(str(tmp_path / "c"))
+    assert list_shards(str(tmp_path / "c" / "00000[01].tar")) == folder[:2]
+    assert list_shards(str(tmp_path / "c" / "000002.tar")) == folder[2:]
+    with pytest.raises(InputError, match="the glob matches no .tar shard"):
+        list_shards(str(tmp_path / "c" / "9*.tar"), where="corpus")

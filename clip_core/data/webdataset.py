@@ -108,11 +108,17 @@ def image_field(sample: dict) -> str | None:
 
 def list_shards(uri: str, storage_options: dict | None = None, *, where: str | None = None,
                 fix: str = SHARDS_FIX) -> list[str]:
-    """The `*.tar` shards under `uri`, sorted, as full URIs.
+    """The `*.tar` shards under `uri` (a folder, a glob or one .tar file), sorted, as full URIs.
 
     With `where` (how messages name the folder, e.g. "corpus URI"), a folder that is missing, is a
     file or holds no shard is an InputError naming it, with `fix`; without, an empty folder is []."""
     fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    if any(c in root for c in "*?["):
+        names = sorted(p for p in fs.glob(root) if p.endswith(".tar"))
+        check(where is None or bool(names), where, "the glob matches no .tar shard", fix)
+        return [fs.unstrip_protocol(p) for p in names]
+    if root.endswith(".tar") and fs.isfile(root):
+        return [fs.unstrip_protocol(root)]
     if where is not None:
         check(not fs.isfile(root), where, "is a file, not a folder", fix)
         check(fs.isdir(root), where, "no such folder", fix)

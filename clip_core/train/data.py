@@ -54,9 +54,6 @@ EXCLUDE_FIX = "--exclude takes the samples to leave out (dedup's matches.parquet
 class CorpusError(InputError):
     """The corpus cannot be trained on (no shards, no images, all excluded, changed since a checkpoint)."""
 
-    def __reduce__(self):  # picklable: it crosses DataLoader and Ray worker processes
-        return type(self), (self.where, self.problem, self.fix)
-
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -121,12 +118,9 @@ def load_excluded_keys(uri: str | None) -> frozenset:
 def list_shards(uri: str, storage_options: dict | None = None) -> list[str]:
     """The `.tar` shards of a corpus folder, glob or single file, sorted, as full URIs; CorpusError if none."""
     fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    if any(c in path for c in "*?["):
-        urls = [fs.unstrip_protocol(p) for p in sorted(fs.glob(path)) if p.endswith(".tar")]
-    elif fs.isdir(path) or path.endswith(".tar") and fs.isfile(path):
-        urls = shard_files(uri, storage_options)
-    else:
+    if not (any(c in path for c in "*?[") or fs.exists(path)):
         raise CorpusError(uri, "corpus does not exist", "give the folder of .tar shards that `clip-pipeline crawl` wrote")
+    urls = shard_files(uri, storage_options)
     if not urls:
         raise CorpusError(uri, "no .tar shards in the corpus", "give the folder that `clip-pipeline crawl` wrote")
     return urls
