@@ -30,7 +30,6 @@ import json
 import math
 import os
 import signal
-import socket
 import tempfile
 import threading
 import time
@@ -55,7 +54,7 @@ from clip_core.train.config import absolute
 from clip_core.train.loop import NonFiniteLossError
 from clip_core.train.optim import unwrap
 from clip_core.weights import export_model, is_uri, latest_checkpoint
-from flows.common import loopback_ray
+from flows.common import check_ray_address, loopback_ray
 from flows.train_backend import LoopbackTorchConfig, local_cluster
 from flows.train_storage import (_as_uri, _check_writable, _checkpoint_at, _exists, _local, join,
                                  storage_filesystem)
@@ -249,23 +248,11 @@ def train_func(config: dict) -> dict:
 
 # ----- on the driver -----
 
-def _check_ray_address(address: str) -> None:
-    """Fail fast with a clear error when host:port does not accept connections."""
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    if address == "auto" or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host, int(port)), timeout=5).close()
-    except OSError as e:
-        raise ConnectionError(f"cannot reach the Ray cluster at {address}: {e}") from e
-
-
 def connect_ray(run: RunSettings) -> None:
     """ray.init on --ray-address / RAY_ADDRESS, else a local cluster on 127.0.0.1 in a temp dir we own."""
     address = run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        _check_ray_address(address)
+        check_ray_address("--ray-address", address)  # bad input: before any work, exit 2
     if ray.is_initialized():
         return
     if address:
@@ -438,7 +425,7 @@ def _torch_trainer(run: RunSettings, loop_config: dict) -> TorchTrainer:
 
 def train(config: TrainConfig, run: RunSettings, callbacks: list | None = None) -> TrainSummary:
     """Train the recipe `config` on Ray as `run` says; raises InputError (before anything starts),
-    TrainingError, ConnectionError."""
+    TrainingError (the run started, then failed)."""
     # [1] Check the inputs before starting anything
     run, urls = _checked(config, run)
     # [2] Connect to Ray; several nodes need shared storage (checked before any worker starts)
