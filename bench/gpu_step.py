@@ -5,7 +5,10 @@ For each preset (default ViT-B-32 and ViT-B-16, CLIP Sec. 2.5): the library's tr
 clamp), optionally under torch.compile,
   1. on device-resident random batches: the model's ceiling;
   2. fed by the shard loader from WebDataset shards of 256 px JPEGs (decode, random crop,
-     tokenise in DataLoader workers): whether the loader keeps up (data wait).
+     tokenise in DataLoader workers): whether the loader keeps up (data wait);
+  3. the whole `clip-pipeline train` path (Ray Train, one worker on the GPU, callbacks,
+     MLflow, checkpoints uploaded in the background, export): samples/s and MFU from its
+     metrics.jsonl after the warm-up steps, and the command's wall time.
 MFU = samples/s x training FLOPs per sample / the device's dense bf16 peak. FLOPs per sample
 are counted by torch's FlopCounterMode (forward + backward); the issue's figures (forward
 14.78 GFLOPs for ViT-B/32, 41.09 for ViT-B/16, training about 3x) are printed beside them.
@@ -87,6 +90,31 @@ def loader_fed(cfg: TrainConfig, device: torch.device, steps: int, warmup: int) 
     return statistics.median(r["step_time"] for r in timed), statistics.mean(r["data_wait"] for r in timed)
 
 
+def train_path(preset: str, corpus: str, args, device: torch.device, peak: float | None) -> tuple[float, float, float]:
+    """(median samples/s, median MFU or nan, wall seconds) of `clip-pipeline train` on this device."""
+    import json
+    import subprocess
+
+    out = Path(tempfile.mkdtemp(prefix="gpu-bench-train-"))
+    cmd = [str(Path(sys.executable).with_name("clip-pipeline")), "train", corpus, str(out / "run"), "--preset", preset,
+           "--batch-size", str(args.batch), "--steps", str(args.warmup + args.steps), "--precision", args.precision,
+           "--workers", "1", "--data-workers", str(args.loader_workers), "--log-every", "10",
+           "--checkpoint-every", "1000000", "--resume", "never",
+           "--gpus-per-worker", "1" if device.type == "cuda" else "0"]
+    if peak:
+        cmd += ["--peak-tflops", str(peak / 1e12)]
+    if args.compile is not None:
+        cmd.append("--compile" if args.compile else "--no-compile")
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in rows if "samples_per_s" in r][args.warmup:]
+    rate = statistics.median(r["samples_per_s"] for r in timed)
+    mfu = statistics.median(r["mfu"] for r in timed) if all("mfu" in r for r in timed) else float("nan")
+    return rate, mfu, wall
+
+
 def dedup_search(device: str, n_eval: int = 1_000_000, n_queries: int = 200_000, dim: int = 128) -> str:
     """Queries/s of the torch GPU index against FAISS flat on the CPU, same vectors."""
     from dedup.index import FlatIndex
@@ -111,8 +139,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", nargs="+", default=["ViT-B-32", "ViT-B-16"])
     p.add_argument("--batch", type=int, default=256, help="per GPU")
-    p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on CUDA, as training does)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=10)
@@ -133,8 +162,8 @@ def main() -> int:
     print(f"{name}; torch {torch.__version__}; {args.precision}, batch {args.batch}, compile {args.compile}, "
           f"median of {args.steps} steps after {args.warmup}; peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s\n")
     print("| preset | GFLOPs/pair (counted; issue: 3 x fwd) | model only: samples/s | MFU "
-          "| from shards: samples/s | data wait |")
-    print("|---|---|---|---|---|---|")
+          "| from shards: samples/s | data wait | clip-pipeline train: samples/s | MFU | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for preset in args.presets:
         cfg = TrainConfig(corpus=corpus, preset=preset, batch_size=args.batch,
                           steps=args.warmup + args.steps, precision=args.precision, compile=args.compile,
@@ -146,7 +175,9 @@ def main() -> int:
         fed_step, wait = loader_fed(cfg, device, args.steps, args.warmup)
         mfu = f"{ceiling * flops / peak:.1%}" if peak else "n/a"
         counted = f"{flops / 1e9:.2f}" + (f" ({3 * paper:.1f})" if paper else "")
-        print(f"| {preset} | {counted} | {ceiling:,.0f} | {mfu} | {args.batch / fed_step:,.0f} | {wait:.1%} |")
+        path_rate, path_mfu, wall = train_path(preset, corpus, args, device, peak)
+        print(f"| {preset} | {counted} | {ceiling:,.0f} | {mfu} | {args.batch / fed_step:,.0f} | {wait:.1%} "
+              f"| {path_rate:,.0f} | {path_mfu:.1%} | {wall:.0f} |")
     if not args.no_search and device.type == "cuda":
         print("\n" + dedup_search(args.device))
     return 0

@@ -24,11 +24,14 @@ BENCHES = {  # name: (full arguments, quick arguments)
     "model step": (["model_step.py"], ["model_step.py", "--repeats", "3"]),
     "query list": (["queries_bench.py"], ["queries_bench.py", "--tokens", "1000000", "--workers", "1"]),
     "curation": (["curation_bench.py"], ["curation_bench.py", "--captions", "200000", "--big", "2"]),
-    "crawl": (["crawl_bench.py"], ["crawl_bench.py", "--images", "600", "--repeats", "3"]),
+    "crawl": (["crawl_bench.py", "--binding-repeats", "3"],
+              ["crawl_bench.py", "--images", "600", "--repeats", "3", "--binding-urls", "120"]),
     "extract": (["extract_bench.py"], ["extract_bench.py", "--files", "4", "--pages", "500"]),
     "dedup": (["dedup_bench.py"], ["dedup_bench.py", "--quick"]),
     "ray stages": (["ray_stages_bench.py"], ["ray_stages_bench.py", "--webs", "1", "--crawl-urls", "200"]),
     "train step": (["train_bench.py"], ["train_bench.py", "--steps", "20", "--warmup", "5"]),
+    "train end to end": (["train_e2e_bench.py", "--no-results"],
+                         ["train_e2e_bench.py", "--steps", "60", "--skip", "10", "--per-shard", "256", "--no-results"]),
 }
 
 

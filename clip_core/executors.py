@@ -90,6 +90,10 @@ class LocalExecutor:
 
     node_id = staticmethod(host_name)  # every worker runs on this host
 
+    def parallelism(self) -> int:
+        """Items that can run at once: the worker count."""
+        return self.workers
+
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
         """fn over items; results in item order, computed as they are consumed."""
         return self._results(fn, iter(items))

@@ -173,6 +173,19 @@ def to_normalized_tensor(img: Image.Image, mean=OPENAI_DATASET_MEAN, std=OPENAI_
     return torch.from_numpy(x)
 
 
+def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 tensor (3, H, W): a quarter of the float bytes to move (normalise on the device)."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(to_rgb(img)).transpose(2, 0, 1)))
+
+
+def normalize_images(x: torch.Tensor, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) -> float32, normalised where they are: the same arithmetic as
+    `to_normalized_tensor` (divide by 255, subtract the mean, divide by the std), so the same values."""
+    mean = torch.tensor(mean, dtype=torch.float32, device=x.device)[:, None, None]
+    std = torch.tensor(std, dtype=torch.float32, device=x.device)[:, None, None]
+    return x.float().div_(255).sub_(mean).div_(std)
+
+
 @dataclass
 class ImageTransform:
     """Picklable PIL image -> (3, image_size, image_size) tensor; see `image_transform`."""
@@ -184,13 +197,14 @@ class ImageTransform:
     scale: Sequence[float] = (0.9, 1.0)
     ratio: Sequence[float] = (3 / 4, 4 / 3)
     generator: Optional[torch.Generator] = field(default=None, repr=False)
+    normalize: bool = True  # False: uint8 (3, H, W), for `normalize_images` on the device
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         if self.train:
             img = random_resized_crop(img, self.image_size, self.scale, self.ratio, self.generator)
         else:
             img = center_crop(resize_shortest_side(img, self.image_size), self.image_size)
-        return to_normalized_tensor(img, self.mean, self.std)
+        return to_normalized_tensor(img, self.mean, self.std) if self.normalize else to_uint8_tensor(img)
 
 
 def image_transform(
@@ -200,6 +214,7 @@ def image_transform(
     std: Sequence[float] = OPENAI_DATASET_STD,
     scale: Sequence[float] = (0.9, 1.0),
     generator: Union[torch.Generator, int, None] = None,
+    normalize: bool = True,
 ) -> ImageTransform:
     """CLIP's train (random resized crop) or eval (resize, centre crop) preprocessing.
 
@@ -210,5 +225,5 @@ def image_transform(
     if isinstance(generator, int):
         generator = torch.Generator().manual_seed(generator)
     return ImageTransform(
-        image_size, train, tuple(mean), tuple(std), tuple(scale), generator=generator
+        image_size, train, tuple(mean), tuple(std), tuple(scale), generator=generator, normalize=normalize
     )

@@ -24,8 +24,11 @@ def check_thresholds(thresholds: dict | None) -> dict | None:
 
 def check_dedup_options(eval_dirs: Sequence[str], out_uri: str, *, precision: float, thresholds: dict | None,
                         calibration_samples: int, batch_size: int, k: int, device: str, sheet_size: int,
-                        splits: Sequence[str]) -> None:
-    """Every option of `dedup`, and the eval and output folders exist as they should."""
+                        splits: Sequence[str], shard_device: str | None = None) -> None:
+    """Every option of `dedup`, and the eval and output folders exist as they should.
+
+    `device` runs here and must be present; `shard_device` runs in the shard tasks, on
+    whatever node they land on, so only its name is checked here."""
     check(len(eval_dirs) > 0, "--eval", "dedup needs at least one eval set folder", "pass --eval EVALDIR")
     for root in eval_dirs:
         check_folder(f"--eval {root}", root, "eval set folder")
@@ -38,6 +41,17 @@ def check_dedup_options(eval_dirs: Sequence[str], out_uri: str, *, precision: fl
     whole_number("-k", k)
     whole_number("--sheet-size", sheet_size, 0)
     check_device("--device", device)
+    check_device_name("--device", shard_device)
+
+
+def check_device_name(where: str, device: str | None) -> str | None:
+    """cpu, cuda, cuda:N or mps by name only, for a device on other machines (None: the default)."""
+    if device is None:
+        return None
+    kind, _, index = str(device).partition(":")
+    check(kind in ("cpu", "cuda", "mps") and (not index or index.isdigit()), where, f"unknown device {device!r}",
+          "pass cpu, cuda or cuda:N")
+    return str(device)
 
 
 def check_train_detector_options(out: str, *, steps: int, batch_size: int, lr: float, image_size: int,

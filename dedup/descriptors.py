@@ -10,8 +10,9 @@ A descriptor spec joins names with "+": the image matches if any descriptor matc
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 import numpy as np
@@ -49,6 +50,22 @@ def pair_similarity(descriptor, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("nd,nd->n", a.astype(np.float32), b.astype(np.float32))
 
 
+def same_device(a, b) -> bool:
+    """Whether torch devices `a` and `b` are one device (cuda without an index is the current one)."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != "cuda" or b.type != "cuda":
+        return a.type == b.type  # one cpu, one mps
+    current = torch.cuda.current_device
+    return (current() if a.index is None else a.index) == (current() if b.index is None else b.index)
+
+
+def model_on(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """`model` itself if its weights are on `device`, else a copy moved there (the original stays put)."""
+    if same_device(next(model.parameters()).device, device):
+        return model
+    return copy.deepcopy(model).to(device)
+
+
 @dataclass
 class PHashDescriptor:
     """A binary perceptual hash (searched with Hamming distance)."""
@@ -63,6 +80,10 @@ class PHashDescriptor:
 
     def encode(self, images: Sequence[Image.Image]) -> np.ndarray:
         return phash(images, self.hash_size)
+
+    def to(self, device: str) -> PHashDescriptor:
+        """Itself: the hash runs in numpy, on no device."""
+        return self
 
 
 @dataclass
@@ -81,6 +102,11 @@ class DetectorDescriptor:
     def encode(self, images: Sequence[Image.Image]) -> np.ndarray:
         from dedup.copy_detector import encode_images
         return encode_images(self.model, images, self.batch_size)
+
+    def to(self, device: str) -> DetectorDescriptor:
+        """This descriptor with its model on `device` (a copy where it moves: this one is unchanged)."""
+        model = model_on(self.model, device)
+        return self if model is self.model else replace(self, model=model)
 
 
 @dataclass
@@ -105,6 +131,11 @@ class ClipDescriptor:
                                        normalize=True).float().cpu()
                for i in range(0, len(images), self.batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.dim), np.float32)
+
+    def to(self, device: str) -> ClipDescriptor:
+        """This descriptor with its model on `device` (a copy where it moves: this one is unchanged)."""
+        model = model_on(self.model, device)
+        return self if model is self.model else replace(self, model=model)
 
 
 def make_descriptors(spec: str = "default", detector_path=None, device: str = "cpu") -> list:
@@ -138,6 +169,11 @@ def decode_all(blobs: Sequence[bytes], names: Sequence[str]) -> tuple[list[Image
         except ImageDecodeError as e:
             errors.append(str(e))
     return images, ok, errors
+
+
+def descriptors_on(descriptors: Sequence, device: str) -> list:
+    """The descriptors with their models on `device`: a shard task's, whatever device they were built on."""
+    return [d.to(device) for d in descriptors]
 
 
 def encode(descriptors: Sequence, images: Sequence[Image.Image]) -> dict[str, np.ndarray]:

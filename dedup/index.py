@@ -3,9 +3,10 @@
 CLIP (Radford et al. 2021), Appendix C: every training image is compared against every
 eval image. The eval side is small and held in memory; the corpus streams through in
 chunks, so memory is bounded by chunk_size x index size. Float descriptors use exact inner
-product (FAISS IndexFlatIP; a chunked torch matmul + top-k on a GPU; IVF when the index is
-very large); hashes use FAISS IndexBinaryFlat (Hamming). `brute_force_*` are the numpy
-oracles the fast paths are tested against.
+product (FAISS IndexFlatIP; IVF when the index is very large); on a CUDA device the same FAISS
+index copied to the GPU where the installed faiss is a GPU build (`pip install .[gpu]`), else a
+chunked torch matmul + top-k (`search_backend` decides). Hashes use FAISS IndexBinaryFlat
+(Hamming) on the CPU. `brute_force_*` are the numpy oracles the fast paths are tested against.
 """
 from __future__ import annotations
 
@@ -36,6 +37,18 @@ def _check_dims(queries: np.ndarray, dim: int, what: str) -> None:
                          f"(were both sides encoded with the same descriptor?)")
 
 
+def faiss_gpus() -> int:
+    """GPUs the installed faiss can search on: always 0 for faiss-cpu (it has no StandardGpuResources)."""
+    return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+
+
+def search_backend(device: str, faiss_gpus: int) -> str:
+    """The float search backend for `device`: faiss on CPU; on CUDA faiss-gpu where faiss sees a GPU, else torch."""
+    if not str(device).startswith("cuda"):
+        return "faiss"
+    return "faiss-gpu" if faiss_gpus > 0 else "torch"  # both exact: the same ids and scores as the CPU search
+
+
 def brute_force_search(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k inner product in numpy: (scores (Q, k), ids (Q, k)), best first."""
     scores = queries.astype(np.float32) @ database.astype(np.float32).T  # (Q, N)
@@ -52,7 +65,7 @@ def brute_force_hamming(queries: np.ndarray, database: np.ndarray, k: int) -> tu
 
 
 class FlatIndex:
-    """Inner-product search over L2-normalised float vectors (FAISS, torch or numpy)."""
+    """Inner-product search over L2-normalised float vectors (FAISS on CPU or GPU, torch or numpy)."""
 
     def __init__(self, vectors: np.ndarray, backend: str = "faiss", device: str = "cpu",
                  kind: str = "auto", nlist: int | None = None, nprobe: int = 16):
@@ -60,10 +73,20 @@ class FlatIndex:
         self.dim, self.backend, self.device = self.vectors.shape[1], backend, device
         if backend == "faiss":
             self.faiss = self._build_faiss(kind, nlist, nprobe)
+        elif backend == "faiss-gpu":
+            self.faiss = self._to_gpu(self._build_faiss(kind, nlist, nprobe), device)
         elif backend == "torch":
             self.tensor = torch.from_numpy(self.vectors).to(device)
         elif backend != "numpy":
-            raise ValueError(f"unknown search backend {backend!r}; use faiss, torch or numpy")
+            raise ValueError(f"unknown search backend {backend!r}; use faiss, faiss-gpu, torch or numpy")
+
+    def _to_gpu(self, index, device: str):
+        """The CPU index copied to CUDA device `device` (cuda = cuda:0, the first GPU this process sees)."""
+        if faiss_gpus() == 0:
+            raise ValueError("backend faiss-gpu needs a faiss build with GPU support and a visible GPU; "
+                             "install it with `make setup-gpu` (pip install .[gpu]), or use backend torch")
+        self.gpu_resources = faiss.StandardGpuResources()  # kept: the GPU index lives as long as its resources
+        return faiss.index_cpu_to_gpu(self.gpu_resources, torch.device(device).index or 0, index)
 
     def _build_faiss(self, kind: str, nlist: int | None, nprobe: int):
         n = len(self.vectors)
@@ -93,7 +116,7 @@ class FlatIndex:
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.backend == "faiss":
+        if self.backend in ("faiss", "faiss-gpu"):
             scores, ids = self.faiss.search(q, k)
             missing = ids < 0  # IVF: fewer than k vectors in the probed lists
             if missing.any():
@@ -144,8 +167,8 @@ class BinaryIndex:
 
 
 def build_index(codes: np.ndarray, binary: bool, device: str = "cpu", **kwargs):
-    """The index for one descriptor: binary codes -> BinaryIndex; floats -> FlatIndex (torch on GPU)."""
+    """The index for one descriptor: binary codes -> BinaryIndex; floats -> FlatIndex (`search_backend`'s)."""
     if binary:
         return BinaryIndex(codes)
-    backend = kwargs.pop("backend", "torch" if str(device).startswith("cuda") else "faiss")
+    backend = kwargs.pop("backend", None) or search_backend(device, faiss_gpus())
     return FlatIndex(codes, backend=backend, device=device, **kwargs)

@@ -39,7 +39,7 @@ from clip_core.eval.features import batched
 from clip_core.executors import Executor, LocalExecutor, map_counting_nodes
 from dedup.calibrate import calibrate_reference
 from dedup.checks import CORPUS_FIX, check_dedup_options
-from dedup.descriptors import decode_all, encode, make_descriptors
+from dedup.descriptors import decode_all, descriptors_on, encode, make_descriptors
 from dedup.index import build_index
 
 MAX_LISTED = 1000  # unreadable samples listed in dedup_stats.json; unreadable.txt has them all
@@ -123,17 +123,18 @@ class EvalReference:
     thresholds: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
     unreadable: list = field(default_factory=list)
-    _search: dict = field(default_factory=dict, repr=False, compare=False)
+    _search: dict = field(default_factory=dict, repr=False, compare=False)  # (descriptor name, device) -> index
 
     @property
     def n(self) -> int:
         return len(self.eval_index)
 
     def index(self, descriptor, device: str = "cpu"):
-        """The search index of one descriptor, built on first use."""
-        if descriptor.name not in self._search:
-            self._search[descriptor.name] = build_index(self.codes[descriptor.name], descriptor.binary, device)
-        return self._search[descriptor.name]
+        """The search index of one descriptor on `device`, built on first use there."""
+        key = (descriptor.name, str(device))
+        if key not in self._search:
+            self._search[key] = build_index(self.codes[descriptor.name], descriptor.binary, device)
+        return self._search[key]
 
     def __getstate__(self):  # FAISS indexes do not pickle; a worker rebuilds them
         return {**self.__dict__, "_search": {}}
@@ -296,7 +297,11 @@ def _match_batch(result: ShardResult, keys, blobs, codes, refs, descriptors, k, 
 
 def dedup_shard(shard_uri: str, refs: Sequence[EvalReference], descriptors, *, batch_size: int = 128, k: int = 1,
                 device: str = "cpu", sheet_size: int = 12, storage_options: dict | None = None) -> ShardResult:
-    """Match every image of one corpus shard against the eval references (the per-shard map)."""
+    """Match every image of one corpus shard against the eval references (the per-shard map).
+
+    Encoding and search run on `device`: the descriptors' models move there once per call (a
+    copy where they were built elsewhere, e.g. on a CPU driver for a GPU task)."""
+    descriptors = descriptors_on(descriptors, device)
     fs, path = fsspec.core.url_to_fs(shard_uri, **(storage_options or {}))
     result, damaged = ShardResult(shard_uri), []
     for batch in batched(iter_shard_images(fs, path, damaged), batch_size):  # a damaged shard ends early
@@ -319,16 +324,19 @@ def dedup(corpus_uri: str, out_uri: str, eval_dirs: Sequence[str], *, descriptor
           precision: float = 0.99, detector_path: str | None = None, splits: Sequence[str] = ("test",),
           thresholds: dict | None = None, calibration_samples: int = 500, batch_size: int = 128, k: int = 1,
           device: str = "cpu", seed: int = 0, sheet_size: int = 12, storage_options: dict | None = None,
-          executor: Executor | None = None) -> DedupStats:
+          executor: Executor | None = None, shard_device: str | None = None) -> DedupStats:
     """Find corpus images that duplicate eval images; write matches, kept keys, stats and a contact sheet.
 
-    The shards are mapped by `executor` (default: one after another in this process)."""
+    The shards are mapped by `executor` (default: one after another in this process). `device`
+    encodes and calibrates the eval sets here; `shard_device` (default `device`) encodes and
+    searches in the shard tasks, so a CPU driver can map its shards onto a cluster's GPUs."""
+    shard_device = device if shard_device is None else shard_device
     t0 = time.time()
     eval_dirs = [eval_dirs] if isinstance(eval_dirs, str) else [str(d) for d in eval_dirs]  # one folder, or many
     splits = (splits,) if isinstance(splits, str) else tuple(splits)
     check_dedup_options(eval_dirs, out_uri, precision=precision, thresholds=thresholds,
                         calibration_samples=calibration_samples, batch_size=batch_size, k=k, device=device,
-                        sheet_size=sheet_size, splits=splits)
+                        shard_device=shard_device, sheet_size=sheet_size, splits=splits)
     output = StagedOutput(out_uri, "dedup", STATS_NAME, listed_key="outputs", outputs=OUTPUT_NAMES, parts=None,
                           storage_options=storage_options)
     output.check()
@@ -338,7 +346,7 @@ def dedup(corpus_uri: str, out_uri: str, eval_dirs: Sequence[str], *, descriptor
     refs = build_references(eval_dirs, descriptors, splits=splits, precision=precision, thresholds=thresholds,
                             calibration_samples=calibration_samples, batch_size=batch_size, device=device, seed=seed)
     per_shard = functools.partial(dedup_shard, refs=refs, descriptors=descriptors, batch_size=batch_size, k=k,
-                                  device=device, sheet_size=sheet_size, storage_options=storage_options)
+                                  device=shard_device, sheet_size=sheet_size, storage_options=storage_options)
     nodes = Counter()
     results = list(map_counting_nodes(executor or LocalExecutor(1), per_shard, shards, nodes))
     config = {"corpus": str(corpus_uri), "descriptor": descriptor, "descriptors": [d.name for d in descriptors],

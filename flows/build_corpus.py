@@ -56,6 +56,11 @@ class CorpusConfig(BaseModel):
     threads: int = 16
     timeout: int = 10
     samples_per_shard: int = Field(10_000, description="images per corpus shard (a crawl and a dedup task each)")
+    user_agent: str | None = Field(None, description="the crawler's User-Agent; null: clip-pipeline-crawler's")
+    per_host_rps: float | None = Field(None, description="request starts per second per host; null: 2.0, "
+                                                         "or no limit on the synthetic web (ours)")
+    per_host_concurrency: int | None = Field(None, description="requests in flight per host; null: 2, "
+                                                                "or no limit on the synthetic web")
     descriptor: str = "default"
     precision: float = 0.99
     ray_address: str | None = Field(None, description='Ray cluster for every stage ("auto" or HOST:PORT); '
@@ -116,10 +121,19 @@ def crawl_pairs(cfg: CorpusConfig, curated: str, out: str, web: str | None, exec
     with serving(web):  # a retry resumes: finished shards are kept, unfinished ones fetched again
         stats = crawl(curated, out, image_size=cfg.image_size, processes=cfg.processes, threads=cfg.threads,
                       number_sample_per_shard=cfg.samples_per_shard, allow_networks=cfg.allow_networks,
-                      timeout=cfg.timeout, executor=executor)
+                      timeout=cfg.timeout, executor=executor, **crawl_manners(cfg, ours=web is not None))
     if stats.incomplete_shards:
         raise RuntimeError(f"crawl left {stats.incomplete_shards} incomplete shard(s) in {out}")
     return out
+
+
+def crawl_manners(cfg: CorpusConfig, ours: bool) -> dict:
+    """crawl's politeness keywords from cfg: unset limits are the crawler's defaults, none on our own web."""
+    from clip_core.crawl.politeness import DEFAULT_CONCURRENCY, DEFAULT_RPS, DEFAULT_USER_AGENT
+
+    rps = cfg.per_host_rps if cfg.per_host_rps is not None else (0.0 if ours else DEFAULT_RPS)
+    slots = cfg.per_host_concurrency if cfg.per_host_concurrency is not None else (0 if ours else DEFAULT_CONCURRENCY)
+    return {"user_agent": cfg.user_agent or DEFAULT_USER_AGENT, "per_host_rps": rps, "per_host_concurrency": slots}
 
 
 @task

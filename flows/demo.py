@@ -2,6 +2,14 @@
 
 Local Prefect (no server to start), a local Ray cluster with 2 workers, SQLite MLflow under
 the storage folder, local disk, and the synthetic web served on 127.0.0.1 by the flow.
+
+The recipe (10,000 pairs, the tiny-rn preset, batch 256, lr 2e-3, 300 steps) is the one that
+learns more than colour in about 3 minutes of training on 2 cores. At batch 64, colour and count
+alone tell almost every image in a batch from the others, so the contrastive loss is nearly met
+without shapes or digits and the model learns colour only; at 256 many images share both,
+and shape, count and digit pay. The small ResNet learns shapes in fewer steps than the patch-8
+ViT (`tiny`) and takes 0.6x its time per sample. 10,000 pairs keep 300 x 256 samples at about
+9 passes over the corpus; fewer pairs are memorised sooner (6,000: shapes 30% instead of 40%).
 """
 from __future__ import annotations
 
@@ -13,14 +21,31 @@ from flows.common import join
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", default="runs/demo", help="where every stage writes (default runs/demo)")
-    parser.add_argument("--pairs", type=int, default=3000, help="candidate pairs of the synthetic web")
+    parser.add_argument("--pairs", type=int, default=10_000, help="candidate pairs of the synthetic web")
     parser.add_argument("--max-per-query", type=int, default=500,
                         help="t of the balancing (WIT: 20000 at 400M pairs; small here so heads are cut)")
-    parser.add_argument("--steps", type=int, default=300, help="training steps of the tiny preset")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--preset", default="tiny-rn", help="model preset (see `clip-pipeline models`)")
+    parser.add_argument("--steps", type=int, default=300, help="training steps")
+    parser.add_argument("--batch-size", type=int, default=256, help="global batch size (all workers)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    parser.add_argument("--warmup", type=int, default=30, help="linear warmup steps before the cosine decay")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(handler=run_demo_command)
+
+
+def chance_accuracies(eval_dirs: list[str]) -> dict[str, float]:
+    """Top-1 accuracy of guessing, 1 / number of classes, per classification eval set (by folder name)."""
+    import fsspec
+
+    chance = {}
+    for folder in eval_dirs:
+        fs, root = fsspec.core.url_to_fs(join(folder, "classnames.txt"))
+        if fs.exists(root):
+            with fs.open(root, "r") as f:
+                n = sum(1 for line in f if line.strip())
+            chance[folder.rstrip("/").rsplit("/", 1)[-1]] = 1 / n if n else None
+    return chance
 
 
 def summary_text(result: dict, storage: str, seconds: float) -> str:
@@ -39,6 +64,7 @@ def summary_text(result: dict, storage: str, seconds: float) -> str:
         dd = DedupStats.read(corpus["dedup"])
         lines.append(f"dedup: {dd.removed} of {dd.corpus_images} images near-duplicate an eval image "
                      f"(left out of training)")
+    chance_levels = chance_accuracies(corpus["eval_dirs"])
     train = result["train"]  # a flows.train.TrainSummary
     loss = f", final loss {train.final_loss:.3f}" if train.final_loss is not None else ""
     lines.append(f"training: {train.steps} steps{loss}; model in {train.model}")
@@ -47,7 +73,8 @@ def summary_text(result: dict, storage: str, seconds: float) -> str:
         m = r["metrics"]
         shown = (f"acc1 {m['acc1']:.1%}" if "acc1" in m
                  else f"image R@1 {m['image_retrieval_recall@1']:.1%}, text R@1 {m['text_retrieval_recall@1']:.1%}")
-        lines.append(f"  {r['dataset']:<10} {shown}")
+        chance = chance_levels.get(r["dataset"])
+        lines.append(f"  {r['dataset']:<10} {shown}" + (f" (chance {chance:.1%})" if "acc1" in m and chance else ""))
     overlap_md = join(storage, "overlap", "overlap.md")
     if result["overlap"]:
         import fsspec
@@ -62,7 +89,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
     from flows.pipeline import clip_pipeline
 
     start = time.time()
-    result = clip_pipeline(storage=args.storage, web_pairs=args.pairs, max_per_query=args.max_per_query, steps=args.steps,
-                           batch_size=args.batch_size, workers=args.workers, seed=args.seed)
+    result = clip_pipeline(storage=args.storage, web_pairs=args.pairs, max_per_query=args.max_per_query,
+                           preset=args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                           warmup=args.warmup, workers=args.workers, seed=args.seed)
     print(summary_text(result, args.storage, time.time() - start))
     return 0

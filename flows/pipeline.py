@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # flows.train loads Ray: only when the train flow runs
 def train_model(corpus: str, output: str, preset: str = "tiny", steps: int = 300, batch_size: int = 64,
                 lr: float = 1e-3, warmup: int = 30, workers: int = 2, cpus_per_worker: float = 0.5,
                 gpus_per_worker: float = 0.0,
-                data_workers: int = 1, precision: str = "bf16",
+                data_workers: int = 1, precision: str = "auto",
                 exclude: str | None = None, eval_dirs: list[str] | None = None, mlflow_uri: str | None = None,
                 checkpoint_every: int = 50, max_failures: int = 2, seed: int = 0,
                 mlflow_parent_run_id: str | None = None,
@@ -57,9 +57,9 @@ def overlap_analysis(checkpoint: str, eval_dirs: list[str], matches: str, out_di
 
 
 @flow(name="clip-pipeline", log_prints=True)
-def clip_pipeline(storage: str = "runs/demo", web_pairs: int = 3000, max_per_query: int = 500, steps: int = 300,
-                  batch_size: int = 64, workers: int = 2, preset: str = "tiny", seed: int = 0,
-                  ray_address: str | None = None) -> dict:
+def clip_pipeline(storage: str = "runs/demo", web_pairs: int = 10_000, max_per_query: int = 500, steps: int = 300,
+                  batch_size: int = 256, lr: float = 2e-3, warmup: int = 30, workers: int = 2,
+                  preset: str = "tiny-rn", seed: int = 0, ray_address: str | None = None) -> dict:
     """The whole DAG on the embedded default: corpus, training, evaluation, overlap analysis.
 
     ray_address ("auto" or HOST:PORT) sends the corpus stages and the training to that cluster;
@@ -71,6 +71,7 @@ def clip_pipeline(storage: str = "runs/demo", web_pairs: int = 3000, max_per_que
     log = get_run_logger()
     uri = tracking_uri(storage)
     parent = start_parent(uri, "clip-pipeline", {"storage": storage, "web_pairs": web_pairs, "steps": steps,
+                                                 "batch_size": batch_size, "lr": lr, "warmup": warmup,
                                                  "max_per_query": max_per_query, "preset": preset, "seed": seed})
     cfg = CorpusConfig(storage=storage, web_pairs=web_pairs, max_per_query=max_per_query, seed=seed,
                        ray_address=ray_address)
@@ -78,8 +79,8 @@ def clip_pipeline(storage: str = "runs/demo", web_pairs: int = 3000, max_per_que
     evals = corpus["eval_dirs"] or web_eval_dirs(corpus["web"])
     matches = join(corpus["dedup"], "matches.parquet") if corpus["dedup"] else None
     output = join(storage, "train")
-    summary = train_model(corpus["shards"], output, preset=preset, steps=steps, batch_size=batch_size,
-                          workers=workers, exclude=matches, mlflow_uri=uri, seed=seed,
+    summary = train_model(corpus["shards"], output, preset=preset, steps=steps, batch_size=batch_size, lr=lr,
+                          warmup=warmup, workers=workers, exclude=matches, mlflow_uri=uri, seed=seed,
                           mlflow_parent_run_id=parent.run_id, experiment=EXPERIMENT, ray_address=ray_address)
     child = start_child(parent, "evaluate", {"checkpoint": output})
     records = evaluate(output, evals, ["zeroshot", "retrieval"], join(storage, "eval"), mlflow_uri=uri,

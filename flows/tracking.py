@@ -22,6 +22,7 @@ import tempfile
 import time
 import urllib.request
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -259,6 +260,11 @@ def peak_flops(peak_tflops: float | None, device: torch.device) -> float | None:
     return None
 
 
+def _plain(value):
+    """A metric as JSON can hold it: 0-dim tensors read as floats."""
+    return value.item() if torch.is_tensor(value) else value
+
+
 def _step_of(line: str) -> float:
     """The step of a metrics.jsonl row; a line cut by a crash counts as after every step."""
     try:
@@ -284,6 +290,10 @@ class MetricsCallback:
         self.tracker, self.log_path, self.log_every = tracker, Path(log_path), log_every
         self.world_size, self.flops, self.peak, self.extras = world_size, flops, peak, extras
         self.checkpoint_every, self.sync_seconds, self.synced = checkpoint_every, sync_seconds, time.monotonic()
+        self.pending: list[tuple[int, dict]] = []  # rows not yet written (a GPU run reads them at log steps)
+        self.last_row: dict = {}
+        self._sender = ThreadPoolExecutor(1, thread_name_prefix="mlflow-metrics")  # MLflow off the step's path
+        self._sent: list = []
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
 
     def _download(self) -> None:
@@ -293,7 +303,12 @@ class MetricsCallback:
             fs.get_file(path, str(self.log_path))
 
     def flush(self) -> None:
-        """Upload the local mirror whole to the remote metrics.jsonl (one object write); local: nothing to do."""
+        """Write the pending rows, then upload the local mirror whole to the remote metrics.jsonl (one object
+        write); local: nothing more to do."""
+        self._write_pending()
+        for future in self._sent:
+            future.result()
+        self._sent.clear()
         if self.remote and self.log_path.exists():
             fs, path = fsspec.core.url_to_fs(self.remote)
             fs.put_file(str(self.log_path), path)
@@ -332,21 +347,44 @@ class MetricsCallback:
         self.flush()
 
     def on_step_end(self, trainer) -> None:
-        row = self.row(trainer)
-        with self.log_path.open("a") as f:
-            f.write(json.dumps({"step": trainer.step, **row}) + "\n")
-        if trainer.step % self.log_every == 0 or trainer.step == 1:
-            self.tracker.log_metrics(row, trainer.step)
-        self._maybe_flush(trainer.step)
+        """Every step's row to metrics.jsonl; on a GPU (values still on the device) written at log steps,
+        checkpoint steps and the end, when they are read in one go."""
+        self.pending.append((trainer.step, self.row(trainer)))
+        step = trainer.step
+        due = step % self.log_every == 0 or step == 1 or (self.checkpoint_every and step % self.checkpoint_every == 0)
+        if getattr(trainer, "check_every", 1) > 1 and not due:
+            return
+        self._write_pending()
+        if step % self.log_every == 0 or step == 1:
+            self._send(self.last_row, step)
+        self._maybe_flush(step)
+
+    def _send(self, metrics: dict, step: int) -> None:
+        """Log to MLflow from a background thread, in order; `flush` waits for what was sent."""
+        self._sent = [f for f in self._sent if not f.done()]
+        self._sent.append(self._sender.submit(self.tracker.log_metrics, dict(metrics), step))
+
+    def _write_pending(self) -> None:
+        lines = []
+        for step, row in self.pending:
+            row = {k: _plain(v) for k, v in row.items()}
+            lines.append(json.dumps({"step": step, **row}) + "\n")
+            self.last_row = row
+        self.pending.clear()
+        if lines:
+            with self.log_path.open("a") as f:
+                f.writelines(lines)
 
     def on_train_end(self, trainer) -> None:
+        self._write_pending()
         self.flush()
 
     def log(self, metrics: dict, step: int) -> None:
         """Other metrics (evaluation) to both sinks."""
+        self._write_pending()  # the steps before it first
         with self.log_path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.tracker.log_metrics(metrics, step)
+        self._send(metrics, step)
         self.flush()  # evaluations are rare, and may come after on_train_end's upload
 
 

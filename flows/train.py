@@ -27,6 +27,7 @@ import collections
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import signal
@@ -51,11 +52,13 @@ from clip_core.train import DataStats, TrainConfig, build_training, restore_trai
 from clip_core.train.checkpoint import save_train_state
 from clip_core.train.checks import RESUME_FIX, check_checkpoint_matches, check_training_inputs
 from clip_core.train.config import absolute
-from clip_core.train.loop import NonFiniteLossError
+from clip_core.train.loop import NonFiniteLossError, scalar
 from clip_core.train.optim import unwrap
+from clip_core.train.precision import precision_note
 from clip_core.weights import export_model, is_uri, latest_checkpoint
 from flows.common import check_ray_address, loopback_ray
 from flows.train_backend import LoopbackTorchConfig, local_cluster
+from flows.train_progress import ProgressBoard, ProgressCallback, watch_progress
 from flows.train_storage import (_as_uri, _check_writable, _checkpoint_at, _exists, _local, join,
                                  storage_filesystem)
 from flows.tracking import (MetricsCallback, Tracker, ZeroShotEval, corpus_tags, default_tracking_uri,
@@ -81,13 +84,15 @@ class RunSettings:
     storage_path: str | None = None  # Ray's checkpoints (a folder or an fsspec URI); default OUT/ray
     shared_storage: bool = False  # a local storage path that every node mounts (NFS): allowed on a multi-node cluster
     checkpoint_every: int = 500
+    checkpoint_minutes: float | None = None  # also checkpoint when this long has passed (decided at log steps)
     num_to_keep: int = 3  # checkpoints Ray keeps
     max_failures: int = 0  # worker failures Ray recovers from
     resume: str = "auto"  # auto: continue this run's checkpoints; never: fresh; else a checkpoint folder
     mlflow_uri: str | None = None  # default MLFLOW_TRACKING_URI or sqlite:///OUT/mlflow.db (./mlflow.db: remote OUT)
     experiment: str = "clip"
     mlflow_parent_run_id: str | None = None  # nest the run under a pipeline run
-    log_every: int = 10  # steps between MLflow rows (metrics.jsonl has every step)
+    log_every: int = 10  # steps between progress lines and MLflow rows (metrics.jsonl has every step)
+    ray_logs: bool = False  # show Ray's and the workers' log lines (else progress lines only)
     peak_tflops: float | None = None  # per device, for MFU
 
     def __post_init__(self):
@@ -98,6 +103,8 @@ class RunSettings:
         for name in ("workers", "checkpoint_every", "num_to_keep", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:
+            raise ValueError(f"checkpoint_minutes must be > 0, got {self.checkpoint_minutes}")
 
     @property
     def resume_from(self) -> str | None:
@@ -127,6 +134,7 @@ class TrainSummary:
     tracking_uri: str | None
     history: list[dict] = dataclasses.field(default_factory=list)  # rank 0's {step, loss, grad_norm}
     data: DataStats = dataclasses.field(default_factory=DataStats)  # rank 0's samples: good, skipped, excluded
+    precision_resolved: str | None = None  # what --precision (auto: bf16 where native, else fp32) became on rank 0
 
     @property
     def final_loss(self) -> float | None:
@@ -145,36 +153,56 @@ class History:
         self.rows = collections.deque(maxlen=limit)
 
     def on_step_end(self, trainer) -> None:
-        m = trainer.metrics
+        m = trainer.metrics  # on a GPU 0-dim tensors, read when the rows are
         self.rows.append({"step": trainer.step, "loss": m["loss"], "grad_norm": m["grad_norm"]})
+
+    def floats(self) -> list[dict]:
+        return [{k: scalar(v) for k, v in row.items()} for row in self.rows]
 
 
 class RayReport:
-    """Every `every` steps and at the end: all ranks report (a barrier); rank 0 adds the checkpoint."""
+    """Every `every` steps, every `minutes` (rank 0's clock, decided at log steps) and at the end: all
+    ranks report (a barrier); rank 0 adds the checkpoint."""
 
-    def __init__(self, every: int, rank: int, loader, extra: dict):
+    def __init__(self, every: int, rank: int, loader, extra: dict, minutes: float | None = None, log_every: int = 1):
         self.every, self.rank, self.loader, self.extra = every, rank, loader, extra
-        self.last = -1
+        self.minutes, self.log_every, self.since = minutes, log_every, time.monotonic()
+        self.last, self.scratch = -1, None
 
     def on_step_end(self, trainer) -> None:
-        if trainer.step % self.every == 0:
+        if trainer.step % self.every == 0 or self._time_is_up(trainer.step):
             self.report(trainer)
+
+    def _time_is_up(self, step: int) -> bool:
+        """At log steps: rank 0 says whether `minutes` have passed since the last checkpoint; every rank hears it."""
+        if not self.minutes or step % self.log_every:
+            return False
+        due = time.monotonic() - self.since >= 60 * self.minutes
+        return bool(_gather(due)[0])  # rank 0's answer, the same on every rank
 
     def on_train_end(self, trainer) -> None:
         if self.last != trainer.step:
             self.report(trainer)
 
     def report(self, trainer) -> None:
+        trainer.check_finite()  # never a checkpoint after a non-finite step (every rank holds the same losses)
+        self.since = time.monotonic()
         ranks = _gather(self.loader.state_dict())  # collective: every rank's data position
-        metrics = {"step": trainer.step, "loss": trainer.metrics.get("loss", math.nan)}
+        metrics = {"step": trainer.step, "loss": scalar(trainer.metrics.get("loss", math.nan))}
         self.last = trainer.step
         if self.rank != 0:
             ray.train.report(metrics)
             return
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = save_train_state(Path(tmp) / "checkpoint", trainer, {"ranks": ranks}, self.extra)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
-                             checkpoint_dir_name=f"step_{trainer.step:08d}")
+        # written locally here, uploaded by Ray in the background (training goes on meanwhile), the local
+        # copy deleted once uploaded; Ray records the checkpoint only when its upload is whole, and
+        # waits for the last upload before the run ends
+        self.scratch = self.scratch or tempfile.mkdtemp(prefix="clip-ckpt-")  # one folder a run, emptied by Ray
+        folder = save_train_state(Path(self.scratch) / f"step_{trainer.step:08d}", trainer, {"ranks": ranks},
+                                  self.extra)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                         checkpoint_dir_name=f"step_{trainer.step:08d}",
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                         delete_local_checkpoint_after_upload=True)
 
 
 def _gather(obj) -> list:
@@ -185,21 +213,34 @@ def _gather(obj) -> list:
     return out
 
 
-def _rank0_callbacks(cfg: TrainConfig, run: RunSettings, config: dict, world: int, loader, device) -> list:
+def _rank0_callbacks(cfg: TrainConfig, run: RunSettings, config: dict, world: int, loader, device,
+                     precision: str) -> list:
     with torch.device("meta"):
         meta = create_model(cfg.preset, **({"vision_cfg": {"image_size": cfg.image_size}} if cfg.image_size else {}))
     tracker = Tracker(config["tracking_uri"] if config["run_id"] else None, config["run_id"], output=run.output)
+    note = precision_note(cfg.precision, precision, device)  # the choice --precision auto made, shown once
+    if config.get("progress"):
+        config["progress"].note.remote(note)
+    else:
+        print(note)
+    tracker.log_params({"precision_resolved": precision})
 
     def extras(t) -> dict:
         data = loader.stats()
-        return {"logit_scale": unwrap(t.model).logit_scale.exp().item(), "data_skipped": data.skipped,
+        return {"logit_scale": unwrap(t.model).logit_scale.detach().exp(), "data_skipped": data.skipped,
                 "data_truncated": data.skip_reasons["truncated"], "data_excluded": data.excluded,
                 "data_epoch": data.epoch}
 
     metrics = MetricsCallback(tracker, join(run.output, "metrics.jsonl"), run.log_every, world,
                               flops_per_sample(meta, meta.config.vision.image_size, meta.config.text.context_length),
                               peak_flops(run.peak_tflops, device), extras, checkpoint_every=run.checkpoint_every)
-    return [metrics] + ([ZeroShotEval(cfg.eval, cfg.eval_every, metrics, device)] if cfg.eval else [])
+    progress = [ProgressCallback(config["progress"], cfg.total_steps, run.log_every, world)] if config.get("progress") else []
+    return [metrics, *progress] + ([ZeroShotEval(cfg.eval, cfg.eval_every, metrics, device)] if cfg.eval else [])
+
+
+def _ddp(model: torch.nn.Module) -> torch.nn.Module:
+    """DDP through Ray, with gradients kept as views into the all-reduce buckets (no copy in or out of them)."""
+    return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"gradient_as_bucket_view": True})
 
 
 def train_func(config: dict) -> dict:
@@ -213,8 +254,9 @@ def train_func(config: dict) -> dict:
 
     # [2] Model in DDP, AdamW, schedule, distributed loss, this rank's shard stream
     # ============================================================================
-    trainer, loader = build_training(cfg, rank=rank, world_size=world, device=device,
-                                     wrap=ray.train.torch.prepare_model, urls=config["urls"])
+    # on a GPU the loss is read at log steps, not every step (no host sync in the step)
+    trainer, loader = build_training(cfg, rank=rank, world_size=world, device=device, wrap=_ddp, urls=config["urls"],
+                                     check_every=run.log_every if device.type == "cuda" else 1)
 
     # [3] Resume: Ray's latest checkpoint (a restarted worker, a rerun), else --resume PATH
     # ====================================================================================
@@ -228,9 +270,11 @@ def train_func(config: dict) -> dict:
     # [4] Callbacks: metrics and eval on rank 0, then reports and checkpoints on every rank
     # ====================================================================================
     options = {**cfg.to_dict(), **run.to_dict()}  # saved in train_state.pt: every option of the run
-    history, reporter = History(), RayReport(run.checkpoint_every, rank, loader, {"train_config": options})
+    history = History()
+    reporter = RayReport(run.checkpoint_every, rank, loader, {"train_config": options}, run.checkpoint_minutes,
+                         run.log_every)
     reporter.last = trainer.step if checkpoint is not None else -1
-    rank0 = _rank0_callbacks(cfg, run, config, world, loader, device) if rank == 0 else []
+    rank0 = _rank0_callbacks(cfg, run, config, world, loader, device, trainer.precision) if rank == 0 else []
     # metrics before the checkpoint: a remote metrics.jsonl is uploaded up to a step before it is checkpointed
     trainer.callbacks = [history, *rank0, reporter, *config.get("callbacks", [])]
 
@@ -242,8 +286,9 @@ def train_func(config: dict) -> dict:
         for callback in rank0:  # a remote metrics.jsonl gets the rows up to the bad step
             getattr(callback, "flush", lambda: None)()
         ray.train.report({"step": trainer.step, "nonfinite": 1.0})
-        return {"error": str(e), "step": trainer.step, "history": list(history.rows)}
-    return {"step": trainer.step, "history": list(history.rows), "data": loader.stats().to_dict()}
+        return {"error": str(e), "step": trainer.step, "history": history.floats()}
+    return {"step": trainer.step, "history": history.floats(), "data": loader.stats().to_dict(),
+            "precision_resolved": trainer.precision}
 
 
 # ----- on the driver -----
@@ -255,13 +300,14 @@ def connect_ray(run: RunSettings) -> None:
         check_ray_address("--ray-address", address)  # bad input: before any work, exit 2
     if ray.is_initialized():
         return
+    quiet = {"log_to_driver": run.ray_logs, **({} if run.ray_logs else {"logging_level": logging.WARNING})}
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **quiet)
         return
     # logical CPUs: enough for every worker plus Ray's own actors (one CPU would time out)
     cpus = max(os.cpu_count() or 1, math.ceil(run.workers * run.cpus_per_worker) + 1, 2)
     with loopback_ray():
-        ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray"))
+        ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray"), **quiet)
 
 
 def _run_config(run: RunSettings) -> RunConfig:
@@ -436,12 +482,14 @@ def train(config: TrainConfig, run: RunSettings, callbacks: list | None = None) 
     tracker, run_id = _open_run(config, run, urls)
     with _closing(tracker):
         # [4] The TorchTrainer; configs cross to the workers as plain dicts
+        board = ProgressBoard.remote()  # rank 0 posts progress, a driver thread prints it
         trainer = _torch_trainer(run, {"train": config.to_dict(), "run": run.to_dict(), "urls": urls,
                                        "run_id": run_id, "tracking_uri": tracker.uri,
-                                       "callbacks": list(callbacks or [])})
+                                       "callbacks": list(callbacks or []), "progress": board})
         # [5] Train; failures come back with the last checkpoint named
         try:
-            result = trainer.fit()
+            with watch_progress(board):
+                result = trainer.fit()
         except ray.train.TrainingFailedError as e:
             raise TrainingError(f"training failed: {e}; checkpoints stay under {run.storage_path}") from e
         value = result.return_value or {}
@@ -454,4 +502,4 @@ def train(config: TrainConfig, run: RunSettings, callbacks: list | None = None) 
     return TrainSummary(steps=value.get("step"), model=str(model_dir),
                         checkpoint=_as_uri(run.storage_path, result.checkpoint.path),
                         mlflow_run_id=run_id, tracking_uri=tracker.uri, history=value.get("history", []),
-                        data=DataStats(**value.get("data", {})))
+                        data=DataStats(**value.get("data", {})), precision_resolved=value.get("precision_resolved"))

@@ -7,8 +7,10 @@ Routes:
                                decompression-bomb PNG, or `X-Robots-Tag: noai`
   /img/{site}/{uid}/{filename} the canonical image, always served (redirect target)
   /s/{site}/page{n}.html       an HTML page with `<img src alt>` of pairs n*P .. n*P+P-1
-  /  and /robots.txt           a small index and an allow-all robots file
-The format follows the filename: `.png` is PNG, anything else JPEG.
+  /  and /robots.txt           a small index and the host's robots file (allow-all unless its
+                               `hosts.HostRules` say otherwise: body, status, delay)
+The format follows the filename: `.png` is PNG, anything else JPEG. Rules that need a clock
+(rate limits) or a socket (dripped bodies) live in `server`; this stays a pure function.
 """
 from __future__ import annotations
 
@@ -17,13 +19,15 @@ import re
 import struct
 import threading
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from http import HTTPStatus
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
 from PIL import Image
 
 from synthweb.eval_sets import eval_image
+from synthweb.hosts import HostRules
 from synthweb.render import encode, render_scene, transform_copy
 from synthweb.scenes import PLANTED, SPLITS, DigitBank, hash64, load_digit_bank, row, web_table
 from synthweb.generator import pair_columns, site_name
@@ -61,6 +65,23 @@ def bomb_png(size: int) -> bytes:
     header = struct.pack(">IIBBBBB", size, size, 1, 0, 0, 0, 0)
     chunks = _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", b"".join(parts)) + _png_chunk(b"IEND", b"")
     return b"\x89PNG\r\n\x1a\n" + chunks
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def robots_response(rules: HostRules) -> WebResponse:
+    """A host's /robots.txt: its body with a 2xx status, an error page with 4xx/5xx; after its delay."""
+    status = rules.robots_status
+    if status < 300:
+        resp = WebResponse(status, rules.robots_body().encode(), "text/plain; charset=utf-8")
+    else:
+        resp = _text(status, _phrase(status))
+    return replace(resp, delay=rules.robots_delay)
 
 
 class SyntheticWeb:
@@ -109,14 +130,15 @@ class SyntheticWeb:
         cols = pair_columns(self.spec, [uid], self.bank)
         return {"uid": uid, "url": cols["url"][0], "caption": cols["caption"][0]}
 
-    def respond(self, path: str, authority: str | None = None) -> WebResponse:
-        """The response to GET `path`; `authority` (host:port, default the base_url's) builds redirects."""
+    def respond(self, path: str, authority: str | None = None, rules: HostRules | None = None) -> WebResponse:
+        """The response to GET `path`; `authority` (host:port, default the base_url's) builds redirects,
+        `rules` (default: none) give the host's robots.txt."""
         authority = authority or urlsplit(self.spec.base_url).netloc
         path = unquote(urlsplit(path).path)
         if path in ("/", "/index.html"):
             return WebResponse(200, self.index().encode())
         if path == "/robots.txt":
-            return WebResponse(200, b"User-agent: *\nAllow: /\n", "text/plain")
+            return robots_response(rules or HostRules())
         if m := _PAGE.match(path):
             page = self.page(m.group(1), int(m.group(2)))
             return WebResponse(200, page.encode()) if page else _text(404, "Not Found")

@@ -9,6 +9,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # every Ray started by the tests stays on 127.0.0.1 (flows.common.loopback_ray; set before ray is imported)
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two pytest-xdist workers
+    # each keeps its own Ray folder, so a ray.init() without an address never finds the other's cluster
+    os.environ.setdefault("RAY_TMPDIR", f"/tmp/ray-{os.environ['PYTEST_XDIST_WORKER']}")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -36,7 +36,8 @@ def _config(storage, web, ray_address=None) -> CorpusConfig:
     return CorpusConfig(storage=str(storage), pairs=[join(web, "pairs.parquet")], eval_dirs=web_eval_dirs(web),
                         min_count=3, min_pmi=0.0, wordnet=None, max_per_query=20, curate_shard_rows=100,
                         samples_per_shard=100, image_size=32, threads=4, timeout=5, descriptor="phash",
-                        ray_address=ray_address)
+                        ray_address=ray_address,
+                        per_host_rps=0, per_host_concurrency=0)  # no per-host limits: the test's own server
 
 
 def _files(folder, skip=()) -> dict:

@@ -33,6 +33,7 @@ from clip_core.errors import InputError
 from flows.commands.corpus import add_crawl_arguments, run_crawl_command
 
 LOOPBACK = ("127.0.0.1/32",)
+UNLIMITED = dict(per_host_rps=0, per_host_concurrency=0)  # no per-host limits: a server of the test's own
 
 
 def _image_bytes(seed: int, fmt: str) -> bytes:
@@ -44,10 +45,14 @@ def _image_bytes(seed: int, fmt: str) -> bytes:
 class _Handler(BaseHTTPRequestHandler):
     """Routes: /img/N.jpg, /png/N.png, /missing/N (404), /text/N.jpg (HTML), /noai/N.jpg,
     /flaky/N.jpg (503 on the first request), /slow/N.jpg (sleeps server.delay),
-    /redirect/N?to=URL (302 to URL)."""
+    /redirect/N?to=URL (302 to URL); /robots.txt answers 404, counted in server.robots, not in hits."""
 
     def do_GET(self):
         srv = self.server
+        if self.path == "/robots.txt":  # counted apart: the tests count image requests
+            with srv.lock:
+                srv.robots += 1
+            return self._send(404, b"no robots.txt", "text/plain")
         with srv.lock:
             srv.hits[self.path] += 1
             first = srv.hits[self.path] == 1
@@ -85,6 +90,7 @@ class ImageWeb:
     def __init__(self, host="127.0.0.1", delay=0.0):
         self.server = ThreadingHTTPServer((host, 0), _Handler)
         self.server.hits, self.server.lock, self.server.delay = Counter(), threading.Lock(), delay
+        self.server.robots = 0
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
@@ -246,8 +252,8 @@ def test_cli_arguments_and_bad_input(tmp_path, capsys):
     assert (args.executor, args.ray_address) == ("local", None)
     ray_args = parser.parse_args([_no_caption(tmp_path), str(tmp_path / "out"), "--executor", "ray",
                                   "--ray-address", "127.0.0.1:1"])
-    assert run_crawl_command(ray_args) == 2  # bad input is refused before any cluster is reached
-    assert "no 'caption' column" in capsys.readouterr().err
+    assert run_crawl_command(ray_args) == 2  # a silent cluster address is bad input too, checked at the door
+    assert "--ray-address: nothing answers at 127.0.0.1:1" in capsys.readouterr().err
     stray = parser.parse_args([_no_caption(tmp_path), str(tmp_path / "out"), "--ray-address", "127.0.0.1:1"])
     assert run_crawl_command(stray) == 2
     assert "--ray-address: is only used with --executor ray" in capsys.readouterr().err
@@ -267,7 +273,7 @@ def test_crawl_end_to_end_stats_and_rerun(tmp_path, web, outside):
                         query_ids=pa.array([[i, i + 1] for i in range(len(urls))], pa.list_(pa.int32())))
     out = tmp_path / "out"
     stats = crawl(pairs, str(out), image_size=32, threads=4, number_sample_per_shard=5,
-                  allow_networks=LOOPBACK, timeout=5)
+                  allow_networks=LOOPBACK, timeout=5, **UNLIMITED)
 
     assert sum(outside.hits.values()) == 0
     assert web.hits == once(good + bad)
@@ -320,7 +326,7 @@ def test_retry_failed_fetches_only_failures_into_new_shards(tmp_path, web):
             + [web.url("/missing/1"), web.url("/noai/1.jpg"), web.url("/text/1.jpg")])
     pairs = write_pairs(tmp_path / "pairs.parquet", urls, [f"c{i}" for i in range(len(urls))])
     out = tmp_path / "out"
-    options = dict(image_size=32, threads=2, number_sample_per_shard=4, allow_networks=LOOPBACK)
+    options = dict(image_size=32, threads=2, number_sample_per_shard=4, allow_networks=LOOPBACK, **UNLIMITED)
     first = crawl(pairs, str(out), **options)
     assert (first.success, first.failed_to_download, first.shards) == (4, 5, 3)
 
@@ -342,7 +348,7 @@ def test_retry_failed_fetches_only_failures_into_new_shards(tmp_path, web):
 KILLED_RUN = """
 from clip_core.crawl import crawl
 crawl({pairs!r}, {out!r}, image_size=32, threads=2, number_sample_per_shard=4,
-      allow_networks=["127.0.0.1/32"], timeout=5)
+      allow_networks=["127.0.0.1/32"], timeout=5, per_host_rps=0, per_host_concurrency=0)
 """
 
 
@@ -440,7 +446,7 @@ def test_s3_output(tmp_path, web, moto_s3):
     pairs = write_pairs(tmp_path / "pairs.parquet", urls, [f"s3 {i}" for i in range(6)])
     fs.put(pairs, f"{bucket}/pairs.parquet")
     stats = crawl(f"s3://{bucket}/pairs.parquet", f"s3://{bucket}/shards", image_size=32, threads=2,
-                  number_sample_per_shard=4, allow_networks=LOOPBACK)
+                  number_sample_per_shard=4, allow_networks=LOOPBACK, **UNLIMITED)
     assert (stats.success, stats.failed_to_download, stats.shards) == (5, 1, 2)
     fs.invalidate_cache()
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/shards"))

@@ -21,7 +21,8 @@ from flows.cli import main
 
 LOOPBACK = ("127.0.0.1/32",)
 PER_RUN = {"wall_seconds", "images_per_second", "nodes"}
-OPTIONS = dict(image_size=32, threads=2, number_sample_per_shard=3, allow_networks=LOOPBACK, timeout=5)
+OPTIONS = dict(image_size=32, threads=2, number_sample_per_shard=3, allow_networks=LOOPBACK, timeout=5,
+               per_host_rps=0, per_host_concurrency=0)  # no per-host limits: a server of the test's own
 
 
 def _urls(web, outside, flaky=True):
@@ -144,7 +145,7 @@ def test_a_failed_ray_crawl_resumes_without_refetching_finished_shards(cluster, 
     before = web.hits
     # The re-run from the command line: --executor ray --ray-address ADDR.
     assert main(["crawl", pairs, str(out), "--image-size", "32", "--threads", "2", "--number-sample-per-shard", "3",
-                 "--allow-network", "127.0.0.1/32", "--timeout", "5", "--executor", "ray",
+                 "--allow-network", "127.0.0.1/32", "--timeout", "5", "--executor", "ray", "--per-host-rps", "0",
                  "--ray-address", c.address]) == 0
     stats = CrawlStats.read(str(out))
     assert (stats.success, stats.shards, stats.incomplete_shards) == (15, 5, 0)

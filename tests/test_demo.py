@@ -37,6 +37,7 @@ def test_demo_runs_every_stage_and_prints_the_summary(demo):
     assert "corpus:" in stdout and "dedup:" in stdout and "make mlflow-ui" in stdout
     assert "training: 12 steps, final loss " in stdout  # from the train flow's TrainSummary
     assert "shapes" in stdout and "| shapes" in stdout  # accuracy line and overlap table row
+    assert "(chance 12.5%)" in stdout  # the shapes line: 8 classes
     stats = json.loads((run / "dedup" / "dedup_stats.json").read_text())
     assert stats["removed"] > 0  # the web plants copies of eval images: some reach the corpus
 
@@ -77,3 +78,49 @@ def test_mlflow_rest_api_shows_parent_and_stage_runs(demo):
     metric_names = {m["key"] for r in runs for m in r["data"].get("metrics", [])}
     assert {"crawl/success_rate", "curate/kept", "dedup/removed"} <= metric_names
     assert any(name.startswith("loss") or name == "train/loss" for name in metric_names)
+
+
+def _demo_defaults() -> dict:
+    import argparse
+
+    from flows.demo import add_demo_arguments
+
+    parser = argparse.ArgumentParser()
+    add_demo_arguments(parser)
+    return vars(parser.parse_args([]))
+
+
+def test_demo_defaults_are_the_pipeline_defaults():
+    """`clip-pipeline demo` and the clip-pipeline flow (its Prefect deployment) run one recipe."""
+    import inspect
+
+    from flows.pipeline import clip_pipeline
+
+    flow_defaults = {name: p.default for name, p in inspect.signature(clip_pipeline.fn).parameters.items()}
+    demo = _demo_defaults()
+    renamed = {"pairs": "web_pairs"}
+    for option in ("storage", "pairs", "max_per_query", "preset", "steps", "batch_size", "lr", "warmup",
+                   "workers", "seed"):
+        assert demo[option] == flow_defaults[renamed.get(option, option)], option
+
+
+def test_demo_recipe_is_a_valid_training_config():
+    """The demo's preset exists and its global batch splits evenly over its Ray workers."""
+    from clip_core.train.config import TrainConfig
+
+    demo = _demo_defaults()
+    cfg = TrainConfig(preset=demo["preset"], steps=demo["steps"], batch_size=demo["batch_size"], lr=demo["lr"],
+                      warmup=demo["warmup"])
+    cfg.check_workers(demo["workers"])  # raises InputError otherwise
+    assert 0 < cfg.warmup < cfg.total_steps
+
+
+def test_chance_accuracies_are_one_over_the_class_count(tmp_path):
+    from flows.demo import chance_accuracies
+
+    for name, n in (("shapes", 8), ("digits", 10)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "classnames.txt").write_text("".join(f"class{i}\n" for i in range(n)))
+    (tmp_path / "retrieval").mkdir()  # no class names: no chance level
+    dirs = [str(tmp_path / n) for n in ("shapes", "digits", "retrieval")]
+    assert chance_accuracies(dirs) == {"shapes": 1 / 8, "digits": 1 / 10}

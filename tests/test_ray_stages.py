@@ -160,3 +160,15 @@ def test_a_ray_address_without_the_ray_executor_is_refused(inputs, tmp_path, cap
     assert main(["extract", *inputs["wats"], str(tmp_path / "out"), "--ray-address", "127.0.0.1:1"]) == 2
     assert "--ray-address: is only used with --executor ray" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("stage", ["extract", "queries", "curate", "crawl", "dedup"])
+def test_a_silent_ray_address_is_bad_input_not_a_hang(tmp_path, stage, capsys):
+    """Nothing listens at 127.0.0.1:1: each stage exits 2 at once, before Ray is asked to connect."""
+    from flows.cli import main
+
+    args = {"extract": ["x.warc.wat.gz", "out"], "queries": ["c.parquet", "out"], "curate": ["p.parquet", "q.parquet", "out"],
+            "crawl": ["p.parquet", "out"], "dedup": ["corpus", "out", "--eval", "ev"]}[stage]
+    assert main([stage, *[str(tmp_path / a) if "." in a or a in ("out", "corpus", "ev") else a for a in args],
+                 "--executor", "ray", "--ray-address", "127.0.0.1:1"]) == 2
+    assert "nothing answers at 127.0.0.1:1" in capsys.readouterr().err

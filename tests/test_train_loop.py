@@ -198,3 +198,59 @@ def test_the_recipe_is_frozen_and_crosses_as_plain_values():
         TrainConfig.from_dict({"workers": 2})  # where the run executes is not part of the recipe
     with pytest.raises(ValueError, match="not divisible by workers x accum_steps = 3 x 2"):
         TrainConfig(batch_size=10, accum_steps=2).check_workers(3)
+
+
+def test_deferred_checks_name_the_bad_step_and_write_no_checkpoint_after_it(tmp_path):
+    """check_every > 1 (a GPU run: no host sync per step): the loss stays on the device until it is read."""
+    class Poison:
+        def on_step_end(self, trainer):
+            if trainer.step == 3:
+                with torch.no_grad():
+                    trainer.model.ln_final.weight.fill_(float("nan"))
+
+    rec = Recorder()
+    cfg = _config(tmp_path, steps=8, batch_size=8)
+    ckpt = CheckpointCallback(tmp_path / "ckpt", every=2)
+    trainer, loader = build_training(cfg, callbacks=[rec, ckpt, Poison()], check_every=3)
+    with pytest.raises(NonFiniteLossError, match="at step 3, found at step 4"):
+        trainer.fit(loader, 8)
+    assert latest_checkpoint(tmp_path / "ckpt").name == "step_00000002"  # step 4's was refused
+    assert torch.is_tensor(rec.rows[0]["loss"]) and rec.rows[0]["loss"].dim() == 0  # no sync in the step
+    assert math.isfinite(rec.rows[2]["loss"].item()) and math.isnan(rec.rows[3]["loss"].item())
+
+
+def test_the_loader_sends_uint8_and_the_trainer_normalises_as_the_loader_did(tmp_path):
+    from clip_core.train.loop import NormalizeImages
+    from clip_core.transforms import image_transform
+    from PIL import Image
+
+    trainer, loader = build_training(_config(tmp_path))
+    images, _ = next(iter(loader))
+    assert images.dtype == torch.uint8 and isinstance(trainer.prepare, NormalizeImages)
+    img = Image.effect_mandelbrot((40, 30), (-2, -1.5, 1, 1.5), 50).convert("RGB")
+    as_float = image_transform(32, generator=0)(img)
+    as_uint8 = image_transform(32, generator=0, normalize=False)(img)
+    assert torch.equal(trainer.prepare((as_uint8[None],))[0][0], as_float)  # the same values, bit for bit
+    assert not hasattr(trainer.model, "_orig_mod")  # compile: None means CUDA only
+
+
+def test_a_gpu_style_run_writes_every_step_to_metrics_jsonl_at_log_steps(tmp_path):
+    import json
+
+    from flows.tracking import MetricsCallback, Tracker
+
+    class Lines:
+        def __init__(self, path):
+            self.path, self.seen = path, []
+
+        def on_step_end(self, trainer):
+            self.seen.append(len(self.path.read_text().splitlines()) if self.path.exists() else 0)
+
+    log = tmp_path / "metrics.jsonl"
+    metrics, lines = MetricsCallback(Tracker(None), log, log_every=4, world_size=1), Lines(log)
+    trainer, loader = build_training(_config(tmp_path, steps=10, batch_size=8), callbacks=[metrics, lines],
+                                     check_every=4)
+    trainer.fit(loader, 10)
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 11)) and all(isinstance(r["loss"], float) for r in rows)
+    assert lines.seen == [1, 1, 1, 4, 4, 4, 4, 8, 8, 8]  # step 1, then at log steps; the rest at the end

@@ -14,6 +14,7 @@ from clip_core.loss import ClipLoss
 from clip_core.train import TrainConfig, build_model_for, build_training, data_config
 from clip_core.train.accum import forward_backward
 from clip_core.train.data import ShardLoader
+from clip_core.train.loop import NormalizeImages
 from clip_core.weights import load_checkpoint
 from flows.commands.train import add_train_arguments, options_from_args, run_train_command
 from flows.common import free_port, loopback_ray
@@ -85,13 +86,13 @@ def single_process_grad_norm(cfg) -> float:
     """Step 1's gradient norm in one process on the union of both ranks' first batches."""
     model = build_model_for(cfg)
     batches = [next(iter(ShardLoader(data_config(cfg, model, rank, 2, torch.device("cpu"))))) for rank in range(2)]
-    inputs = tuple(torch.cat(parts) for parts in zip(*batches))
+    inputs = NormalizeImages()(tuple(torch.cat(parts) for parts in zip(*batches)))  # uint8 -> the model's input
     forward_backward(model, ClipLoss(), inputs)
     return torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
 
 
 @pytest.mark.slow
-def test_two_workers_train_checkpoint_and_track(tmp_path, corpus, eval_sets, ray_cluster):
+def test_two_workers_train_checkpoint_and_track(tmp_path, corpus, eval_sets, ray_cluster, capsys):
     from mlflow import MlflowClient
 
     from flows.train import train
@@ -101,6 +102,10 @@ def test_two_workers_train_checkpoint_and_track(tmp_path, corpus, eval_sets, ray
     summary = train(cfg, settings)
     losses = [r["loss"] for r in summary.history]
     assert summary.steps == 14 and len(losses) == 14 and summary.final_loss == losses[-1]
+    # progress a person reads: the precision once, step of total with the loss; no Ray log line
+    shown = capsys.readouterr().out
+    assert "train: precision fp32 (as given)" in shown and f"train: step 14/14  loss {losses[-1]:.3f}" in shown
+    assert "RayTrainWorker" not in shown and "pid=" not in shown
     assert sum(losses[-4:]) / 4 < sum(losses[:3]) / 3 - 0.3, losses
     assert summary.data.good >= 14 * 8 and summary.data.skipped == 0  # rank 0's half of every batch
     # the distributed gradient (local loss, gather with grad, DDP mean) is the one-process gradient
@@ -380,3 +385,15 @@ def test_bad_input_gives_a_clear_error(tmp_path, capsys, argv, message):
     args = parser.parse_args([str(tmp_path / "missing"), str(tmp_path / "out"), "--steps", "2", *argv])
     assert run_train_command(args) == 2  # bad input: the same exit code as every other command
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_checkpoint_minutes_adds_time_based_checkpoints_at_log_steps(tmp_path, corpus, ray_cluster):
+    """Every rank hears rank 0's clock at log steps, so all report together: checkpoints at 2, 4 and the end."""
+    from flows.train import train
+
+    cfg, settings = config(tmp_path, corpus, steps=5, checkpoint_every=1000, checkpoint_minutes=1e-9, log_every=2,
+                           num_to_keep=5)
+    train(cfg, settings)
+    kept = sorted(p.name for p in (tmp_path / "out" / "ray" / "clip-train").glob("step_*"))
+    assert kept == ["step_00000002", "step_00000004", "step_00000005"]

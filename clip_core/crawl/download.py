@@ -48,6 +48,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clip_core.crawl.guard import REFUSED, GuardProxy, guard_env, run_img2dataset
+from clip_core.crawl.polite import GIVEN_UP
+from clip_core.crawl.politeness import (
+    DEFAULT_CONCURRENCY, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_RPS, DEFAULT_USER_AGENT, Politeness,
+)
+from clip_core.crawl.robots import RobotsCache, apply_robots, fetch_robots_batch
 from clip_core.crawl.safety import (
     PreparedPairs, Resolver, UrlPolicy, check_fetchable, check_options, parse_networks,
     prepare_pairs, read_pairs,
@@ -61,7 +66,8 @@ DEFAULT_DISALLOWED = ("noai", "noimageai", "noindex", "noimageindex")
 # Errors a retry cannot fix: gone pages, the site's own opt-out, our guard's refusals, and a URL
 # urllib cannot send (normalise_url encodes those first; this catches any that slip through).
 PERMANENT_ERRORS = ("HTTP Error 404:", "HTTP Error 410:", "HTTP Error 451:", "X-Robots-Tag", REFUSED,
-                    "URL can't contain control characters", "codec can't encode")
+                    "URL can't contain control characters", "codec can't encode", f"{GIVEN_UP} (too_large)")
+ROBOTS_BATCH = 256  # origins per robots.txt task
 SHARD_FILE = re.compile(r"^(\d+)(_stats\.json|\.tar|\.parquet)$")
 RETRY_FILE = re.compile(r"^retry_(\d+)\.parquet$")
 STATS_NAME = "crawl_stats.json"
@@ -93,6 +99,8 @@ class CrawlStats:
     wall_seconds: float = 0.0
     images_per_second: float = 0.0
     nodes: dict[str, int] = field(default_factory=dict)  # node -> shards it crawled in this run
+    politeness: dict[str, int] = field(default_factory=dict)  # this run's guards: robots, http_429, deadline, ...
+    user_agent: str = ""
 
     def to_dict(self) -> dict:
         """A JSON-ready dict: crawl_stats.json's content."""
@@ -240,8 +248,8 @@ def check_rerun(fs: fsspec.AbstractFileSystem, out: str, old: dict | None, manif
     if fs.exists(staging):
         with fs.open(staging, "rb") as f:
             check(pq.read_table(f).equals(safe), staging,
-                  "the safe pairs differ from those staged by an earlier run (input, allow_networks or DNS "
-                  "changed); shards would not line up", "use a new output folder, or delete OUT to start over")
+                  "the safe pairs differ from those staged by an earlier run (input, allow_networks, "
+                  "--ignore-robots or DNS changed); shards would not line up", "use a new output folder, or delete OUT to start over")
 
 
 def stage_input(fs: fsspec.AbstractFileSystem, out: str, old: dict | None, manifest: dict,
@@ -319,6 +327,12 @@ def crawl(
     guard: bool = True,
     resolver: Resolver = socket.getaddrinfo,
     executor: Executor | None = None,
+    user_agent: str = DEFAULT_USER_AGENT,
+    per_host_rps: float = DEFAULT_RPS,
+    per_host_concurrency: int = DEFAULT_CONCURRENCY,
+    ignore_robots: bool = False,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    throttle_retries: int = 2,
 ) -> CrawlStats:
     """Download the safe pairs of `pairs_uri` into WebDataset shards under `out_uri`.
 
@@ -328,25 +342,41 @@ def crawl(
     (it replaces any proxy configured in the environment). executor: None runs one
     img2dataset call here; an Executor maps the shards as tasks, each behind a guard of its
     own (`processes` is then 1 per task). Bad input raises InputError before anything is written.
+
+    Manners (politeness.py, polite.py, robots.py): robots.txt of every origin is read first
+    (unless ignore_robots) and what it disallows is refused, never requested; behind the guard
+    every request carries `user_agent`, waits for its host's turn (`per_host_rps`,
+    `per_host_concurrency`, Crawl-delay), pauses on 429/503 Retry-After (asked again up to
+    `throttle_retries` times) and is given up past `timeout` seconds or `max_image_bytes`.
     """
     start = time.perf_counter()
     check_options(image_size, processes, threads, number_sample_per_shard, timeout, retries,
                   encode_quality, resize_mode)
+    politeness = Politeness(user_agent, per_host_rps, per_host_concurrency, not ignore_robots, max_image_bytes,
+                            float(timeout), throttle_retries).check()
+    user_agent_token = user_agent_token or politeness.robots_token  # X-Robots-Tag groups, and https requests
     policy = UrlPolicy(parse_networks(allow_networks), resolver)
     fs, out = fsspec.core.url_to_fs(out_uri)
     out = out.rstrip("/")
     old = read_crawl_manifest(fs, out)
     prepared = prepare_pairs(read_pairs(pairs_uri), policy)
     check_fetchable(prepared, pairs_uri)
+    robots = RobotsCache.load(fs, out) if old is not None else RobotsCache()
+    if politeness.respect_robots:
+        _fetch_robots(robots, prepared.safe.column("url").to_pylist(), policy, politeness, executor)
+        prepared = apply_robots(prepared, robots, politeness.user_agent)
     manifest = {"number_sample_per_shard": number_sample_per_shard, "image_size": image_size,
                 "resize_mode": resize_mode, "encode_quality": encode_quality,
                 "rows": prepared.safe.num_rows, "pairs_uri": pairs_uri}
     check_rerun(fs, out, old, manifest, prepared.safe)
     # Every check passed: only now does the crawl write, and only its own files.
     staging = stage_input(fs, out, old, manifest, prepared)
+    if robots.entries:
+        robots.save(fs, out)
     folder = CrawlFolder(fs, out, manifest)
     stats = CrawlStats(input_rows=prepared.input_rows, skipped=dict(prepared.skipped),
-                       refused=dict(prepared.refused_counts), queued=prepared.safe.num_rows)
+                       refused=dict(prepared.refused_counts), queued=prepared.safe.num_rows,
+                       user_agent=politeness.user_agent)
     options = dict(
         output_folder=_uri(fs, out), image_size=image_size, processes_count=processes,
         thread_count=threads, resize_mode=resize_mode, encode_quality=encode_quality,
@@ -354,19 +384,43 @@ def crawl(
         number_sample_per_shard=number_sample_per_shard, save_additional_columns=prepared.extra_columns or None,
         timeout=timeout, retries=retries, disallowed_header_directives=list(disallowed_header_directives),
         user_agent_token=user_agent_token, enable_wandb=False)
-    nodes: Counter = Counter()
+    nodes, counts = Counter(), Counter()
+    manners = Manners(policy if guard else None, politeness, robots, counts)
     if executor is None:
-        run = functools.partial(_call, folder, policy if guard else None, options)
+        run = functools.partial(_call, folder, manners, options)
     else:
-        run = functools.partial(_map_shards, folder, policy if guard else None, options, executor, nodes)
+        run = functools.partial(_map_shards, folder, manners, options, executor, nodes)
     before = folder.sweep()
     main_shards = math.ceil(prepared.safe.num_rows / number_sample_per_shard)
     if set(range(main_shards)) - before.stats:
         run(staging, prepared.safe, 0)
     if retry_failed:
         stats.retried_this_run = _retry_round(folder, prepared, main_shards, run)
+    stats.politeness = dict(counts)
     _finish(folder, stats, before.stats, start, nodes if executor is not None else None)
     return stats
+
+
+@dataclass(frozen=True)
+class Manners:
+    """What every img2dataset run of a crawl is given: the URL policy (None: no guard), the politeness,
+    the robots.txt entries, and a Counter the guards' counts are added to."""
+
+    policy: UrlPolicy | None
+    politeness: Politeness
+    robots: RobotsCache
+    counts: Counter
+
+
+def _fetch_robots(robots: RobotsCache, urls: list[str], policy: UrlPolicy, politeness: Politeness,
+                  executor: Executor | None) -> None:
+    """Fetch robots.txt of the origins of urls not in the cache: batches over the executor, or threads here."""
+    origins = robots.missing(urls)
+    batches = [(origins[i:i + ROBOTS_BATCH], policy, politeness.user_agent, politeness.deadline)
+               for i in range(0, len(origins), ROBOTS_BATCH)]
+    for entries in (executor.map(fetch_robots_batch, batches) if executor is not None and len(batches) > 1
+                    else map(fetch_robots_batch, batches)):
+        robots.add(entries)
 
 
 def _uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -374,7 +428,7 @@ def _uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
-def _call(folder: CrawlFolder, policy: UrlPolicy | None, options: dict, path: str, table: pa.Table,
+def _call(folder: CrawlFolder, manners: Manners, options: dict, path: str, table: pa.Table,
           first: int) -> None:
     """One img2dataset call here on the rows at `path` (shards from `first`), behind the guard if given.
 
@@ -382,27 +436,39 @@ def _call(folder: CrawlFolder, policy: UrlPolicy | None, options: dict, path: st
     after the highest shard with stats, which is `first`.
     """
     mode = "extend" if first else "incremental"
-    _run_here(folder, policy, dict(options, url_list=_uri(folder.fs, path), incremental_mode=mode))
+    _run_here(folder, manners, dict(options, url_list=_uri(folder.fs, path), incremental_mode=mode))
 
 
-def _map_shards(folder: CrawlFolder, policy: UrlPolicy | None, options: dict, executor: Executor,
+def _map_shards(folder: CrawlFolder, manners: Manners, options: dict, executor: Executor,
                 nodes: Counter, path: str, table: pa.Table, first: int) -> None:
-    """The unfinished shards of `table` (ids from `first`) as tasks on `executor`; count each node's shards."""
+    """The unfinished shards of `table` (ids from `first`) as tasks on `executor`; count each node's shards.
+
+    Each task's guard gets a share of each host's limits (shard_tasks): the tasks that can run at
+    once (the executor's `parallelism()`) never press a host harder than one guard would."""
     done = folder.sweep().stats
-    tasks = shard_tasks(table, first, options["number_sample_per_shard"], done, options, policy)
+    per_shard = options["number_sample_per_shard"]
+    parallel = getattr(executor, "parallelism", lambda: -(-table.num_rows // per_shard))()
+    politeness = manners.politeness if manners.policy is not None else None
+    tasks = shard_tasks(table, first, per_shard, done, options, manners.policy, politeness, manners.robots,
+                        max(int(parallel), 1))
     with _stats_aside(folder.fs, folder.out):
-        for _ in map_counting_nodes(executor, crawl_shard, tasks, nodes):
-            pass
+        for run in map_counting_nodes(executor, crawl_shard, tasks, nodes):
+            manners.counts.update(run.counts or {})
 
 
-def _run_here(folder: CrawlFolder, policy: UrlPolicy | None, kwargs: dict) -> None:
-    """Sweep this crawl's unfinished shards and run img2dataset, behind the guard if given."""
+def _run_here(folder: CrawlFolder, manners: Manners, kwargs: dict) -> None:
+    """Sweep this crawl's unfinished shards and run img2dataset, behind the guard if given.
+
+    One guard serves all of img2dataset's processes and threads: the per-host limits hold for the node."""
     folder.sweep()
     with _stats_aside(folder.fs, folder.out):
-        if policy is None:
+        if manners.policy is None:
             return run_img2dataset({}, kwargs)
-        with GuardProxy(policy, timeout=kwargs["timeout"]) as proxy:
-            run_img2dataset(guard_env(proxy.url), kwargs)
+        with GuardProxy(manners.policy, kwargs["timeout"], manners.politeness, manners.robots) as proxy:
+            try:
+                run_img2dataset(guard_env(proxy.url), kwargs)
+            finally:
+                manners.counts.update(proxy.counts())
 
 
 @contextlib.contextmanager

@@ -8,6 +8,10 @@ rebinding). img2dataset offers no hook into its workers, but urllib honours `htt
 checks each request (every redirect hop is a new one; https arrives as CONNECT), connects
 to the address it vetted, and answers a refusal with `403 Refused by crawl policy (REASON)`.
 
+With a `Politeness` the proxy is also the crawl's manners (`polite.Manners`): robots.txt on
+every plain-HTTP hop, per-host rate and concurrency limits, Retry-After pauses, a deadline for
+the whole response, a size cap and the crawler's User-Agent.
+
 The rest of img2dataset's confinement is here too. It starts its workers with the spawn
 method, which re-runs the caller's script in each worker; the call hides `__main__` from
 them, so a script needs no `if __name__ == "__main__":` guard. From a thread other than the
@@ -32,9 +36,11 @@ import types
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
+from clip_core.crawl.polite import REFUSED, Manners, reply
+from clip_core.crawl.politeness import Politeness
+from clip_core.crawl.robots import RobotsCache
 from clip_core.crawl.safety import UrlPolicy
 
-REFUSED = "Refused by crawl policy"
 MAX_HEAD = 64 * 1024
 HOP_HEADERS = (b"proxy-connection:", b"proxy-authorization:")
 CHILD_CODE = "import json, sys, img2dataset; img2dataset.download(**json.loads(sys.argv[1]))"
@@ -71,10 +77,6 @@ def _pipe(src: socket.socket, dst: socket.socket) -> None:
         dst.shutdown(socket.SHUT_WR)
 
 
-def _reply(sock: socket.socket, code: int, reason: str) -> None:
-    sock.sendall(f"HTTP/1.1 {code} {reason}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
-
-
 class _GuardHandler(socketserver.BaseRequestHandler):
     """One proxied connection: plain HTTP (absolute URI) or a CONNECT tunnel."""
 
@@ -92,25 +94,39 @@ class _GuardHandler(socketserver.BaseRequestHandler):
             method, target, version = line.decode("latin-1").split(" ", 2)
             url, port, path = _target(method, target)
         except ValueError:
-            return _reply(client, 400, "Bad Request")
+            return reply(client, 400, "Bad Request")
         reason, addresses = self.server.policy.vet(url)
         if reason is not None:
-            return _reply(client, 403, f"{REFUSED} ({reason})")
+            return reply(client, 403, f"{REFUSED} ({reason})")
+        manners: Manners | None = self.server.manners
+        if manners is not None:
+            if method == "CONNECT":
+                return manners.tunnel(client, url, str(addresses[0]), port)
+            request = _request_bytes(method, path, version, headers, rest, manners.politeness.user_agent)
+            return manners.fetch(client, url, str(addresses[0]), port, request)
         try:
             upstream = socket.create_connection((str(addresses[0]), port), timeout=self.server.timeout_s)
         except OSError as err:
-            return _reply(client, 502, f"Bad Gateway ({err.strerror or err})")
+            return reply(client, 502, f"Bad Gateway ({err.strerror or err})")
         with upstream:
             if method != "CONNECT":  # urllib sends a GET's head only, with "Connection: close"
-                kept = [h for h in headers.split(b"\r\n") if not h.lower().startswith(HOP_HEADERS)]
-                upstream.sendall(b"\r\n".join([f"{method} {path} {version}".encode("latin-1"), *kept])
-                                 + b"\r\n\r\n" + rest)
+                upstream.sendall(_request_bytes(method, path, version, headers, rest))
                 return _pipe(upstream, client)
             client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
             outbound = threading.Thread(target=_pipe, args=(client, upstream), daemon=True)
             outbound.start()
             _pipe(upstream, client)
             outbound.join()
+
+
+def _request_bytes(method: str, path: str, version: str, headers: bytes, rest: bytes,
+                   user_agent: str | None = None) -> bytes:
+    """The request for the origin server: origin-form path, hop headers dropped, our User-Agent if given."""
+    drop = HOP_HEADERS + ((b"user-agent:",) if user_agent else ())
+    kept = [h for h in headers.split(b"\r\n") if h and not h.lower().startswith(drop)]
+    if user_agent:
+        kept.append(f"User-Agent: {user_agent}".encode("latin-1", "replace"))
+    return b"\r\n".join([f"{method} {path} {version}".encode("latin-1"), *kept]) + b"\r\n\r\n" + rest
 
 
 class _GuardServer(socketserver.ThreadingTCPServer):
@@ -120,11 +136,17 @@ class _GuardServer(socketserver.ThreadingTCPServer):
 
 
 class GuardProxy:
-    """A forward proxy on 127.0.0.1 that lets through only what `policy` allows."""
+    """A forward proxy on 127.0.0.1 that lets through only what `policy` allows.
 
-    def __init__(self, policy: UrlPolicy, timeout: float = 10.0):
+    With `politeness` it is also the crawl's manners (`polite.Manners`): robots.txt, per-host
+    limits, Retry-After, a whole-response deadline, a size cap and our User-Agent; `counts()`
+    tells what they did. `robots` seeds its robots.txt cache (the entries the crawl fetched)."""
+
+    def __init__(self, policy: UrlPolicy, timeout: float = 10.0, politeness: Politeness | None = None,
+                 robots: RobotsCache | None = None):
         self.server = _GuardServer(("127.0.0.1", 0), _GuardHandler)
         self.server.policy, self.server.timeout_s = policy, timeout
+        self.server.manners = Manners(policy, politeness, robots) if politeness is not None else None
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
     @property
@@ -132,6 +154,10 @@ class GuardProxy:
         """The proxy's address, for http_proxy / https_proxy."""
         host, port = self.server.server_address[:2]
         return f"http://{host}:{port}"
+
+    def counts(self) -> dict[str, int]:
+        """What the manners did so far: robots refusals, 429/503 answers, pauses, deadlines, ..."""
+        return self.server.manners.snapshot() if self.server.manners is not None else {}
 
     def __enter__(self) -> GuardProxy:
         self.thread.start()

@@ -21,11 +21,13 @@ library imports no Ray), and it neither resumes per shard nor says where a shard
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
 import socket
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 
 import fsspec
@@ -33,6 +35,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clip_core.crawl.guard import GuardProxy, guard_env, run_img2dataset
+from clip_core.crawl.politeness import Politeness
+from clip_core.crawl.robots import RobotsCache, RobotsEntry, host_of, origin_of
 from clip_core.crawl.safety import UrlPolicy
 
 SUFFIXES = (".tar", ".parquet", "_stats.json")  # the order of the copy: stats last, it marks the shard done
@@ -49,6 +53,8 @@ class ShardTask:
     rows: bytes
     options: dict  # img2dataset's keyword arguments; output_folder is OUT's URI
     policy: UrlPolicy | None  # None: no guard (--no-guard)
+    politeness: Politeness | None = None  # the guard's manners, with this task's share of the per-host limits
+    robots: tuple[RobotsEntry, ...] = ()  # robots.txt of the task's origins, as the crawl fetched them
 
 
 @dataclass(frozen=True)
@@ -60,14 +66,29 @@ class ShardRun:
     host: str
     pid: int
     guard_url: str | None
+    counts: dict | None = None  # what the guard's manners did (robots refusals, 429s, pauses, deadlines)
 
 
 def shard_tasks(table: pa.Table, first: int, per_shard: int, skip: set[int], options: dict,
-                policy: UrlPolicy | None):
-    """The tasks of `table`'s shards (ids from `first`, `per_shard` rows each), but those in `skip`."""
-    for k in range(-(-table.num_rows // per_shard)):
-        if first + k not in skip:
-            yield ShardTask(first + k, _parquet_bytes(table.slice(k * per_shard, per_shard)), options, policy)
+                policy: UrlPolicy | None, politeness: Politeness | None = None, robots: RobotsCache | None = None,
+                parallel: int = 1):
+    """The tasks of `table`'s shards (ids from `first`, `per_shard` rows each), but those in `skip`.
+
+    With politeness, each task gets a share of every host's limits: 1 / (the number of tasks
+    holding the host, at most `parallel`, the tasks that can run at once), so that the guards of
+    a cluster together never exceed one host's limits."""
+    todo = [k for k in range(-(-table.num_rows // per_shard)) if first + k not in skip]
+    slices = {k: table.slice(k * per_shard, per_shard) for k in todo}
+    hosts = {k: {host_of(u) for u in rows.column("url").to_pylist()} for k, rows in slices.items()}
+    holders = Counter(h for k in todo for h in hosts[k])
+    for k in todo:
+        manners = None
+        if politeness is not None:
+            shares = {h: 1.0 / min(holders[h], parallel) for h in hosts[k]}
+            manners = dataclasses.replace(politeness, shares=shares, default_share=1.0 / max(parallel, 1))
+        origins = {origin_of(u) for u in slices[k].column("url").to_pylist()}
+        entries = tuple(robots.entries[o] for o in sorted(origins) if o in robots.entries) if robots else ()
+        yield ShardTask(first + k, _parquet_bytes(slices[k]), options, policy, manners, entries)
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -85,15 +106,16 @@ def crawl_shard(task: ShardTask) -> ShardRun:
         folder = _seeded_folder(work, task)
         kwargs = dict(task.options, output_folder=folder, url_list=f"{work}/rows.parquet",
                       incremental_mode="extend", processes_count=1, distributor="multiprocessing")
-        guard_url = None
+        guard_url, counts = None, None
         if task.policy is None:
             run_img2dataset({}, kwargs)
         else:
-            with GuardProxy(task.policy, timeout=kwargs["timeout"]) as proxy:
+            with GuardProxy(task.policy, kwargs["timeout"], task.politeness, RobotsCache(task.robots)) as proxy:
                 guard_url = proxy.url
                 run_img2dataset(guard_env(proxy.url), kwargs)
+                counts = proxy.counts()
         complete = _copy_out(fs, folder, out, task.shard)
-    return ShardRun(task.shard, complete, socket.gethostname(), os.getpid(), guard_url)
+    return ShardRun(task.shard, complete, socket.gethostname(), os.getpid(), guard_url, counts)
 
 
 def _seeded_folder(work: str, task: ShardTask) -> str:

@@ -20,7 +20,7 @@ from clip_core.model import create_model
 from clip_core.train.checkpoint import load_train_state
 from clip_core.train.config import TrainConfig
 from clip_core.train.data import DataConfig, DataStats, ShardLoader, load_excluded_keys
-from clip_core.train.loop import NonFiniteLossError, Trainer
+from clip_core.train.loop import NonFiniteLossError, NormalizeImages, Trainer
 from clip_core.train.optim import WarmupCosine, build_optimizer, clamp_logit_scale, unwrap
 
 __all__ = ["TrainConfig", "DataStats", "Trainer", "NonFiniteLossError", "build_model_for", "build_training",
@@ -43,24 +43,28 @@ def data_config(cfg: TrainConfig, model: nn.Module, rank: int, world_size: int, 
                       context_length=clip.text.context_length, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
                       resampled=cfg.resampled, num_workers=cfg.data_workers, rank=rank, world_size=world_size,
                       pin_memory=device.type == "cuda", exclude=load_excluded_keys(cfg.exclude),
-                      exclude_source=cfg.exclude)
+                      exclude_source=cfg.exclude, normalize=False)  # uint8 to the device, normalised there
 
 
 def build_training(cfg: TrainConfig, *, rank: int = 0, world_size: int = 1, device="cpu",
                    wrap: Callable[[nn.Module], nn.Module] | None = None, callbacks: Iterable = (),
-                   urls: list[str] | None = None) -> tuple[Trainer, ShardLoader]:
-    """(trainer, loader) for one rank; `wrap` puts the model into DDP (Ray's prepare_model)."""
+                   urls: list[str] | None = None, check_every: int = 1) -> tuple[Trainer, ShardLoader]:
+    """(trainer, loader) for one rank; `wrap` puts the model into DDP (Ray's prepare_model).
+
+    The loader yields uint8 images that the trainer normalises on the device; the model is
+    compiled when cfg.compile says so (None: on CUDA); `check_every` > 1 reads the loss and
+    gradient norm every so many steps instead of every step (Trainer)."""
     device = torch.device(device)
     model = build_model_for(cfg).to(device)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
     if wrap is not None:
         model = wrap(model)
-    if cfg.compile:
+    if cfg.compile or (cfg.compile is None and device.type == "cuda"):
         model = torch.compile(model)
     loss = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=True, rank=rank, world_size=world_size)
     trainer = Trainer(model, optimizer, loss, schedule=WarmupCosine(cfg.lr, cfg.warmup, cfg.total_steps),
                       precision=cfg.precision, accum_steps=cfg.accum_steps, post_step=clamp_logit_scale,
-                      device=device, callbacks=callbacks)
+                      device=device, callbacks=callbacks, prepare=NormalizeImages(), check_every=check_every)
     loader = ShardLoader(data_config(cfg, model, rank, world_size, device), urls)
     return trainer, loader
 

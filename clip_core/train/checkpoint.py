@@ -98,6 +98,7 @@ class CheckpointCallback:
         self.last_saved: Path | None = None
 
     def save(self, trainer) -> Path:
+        getattr(trainer, "check_finite", lambda: None)()  # never a checkpoint after a non-finite step
         data = self.data_state() if self.data_state else None
         self.last_saved = save_train_state(self.root / f"step_{trainer.step:08d}", trainer, data, self.extra)
         if self.num_to_keep:

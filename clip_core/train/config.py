@@ -22,7 +22,7 @@ from pathlib import Path
 from clip_core.config import load_preset
 from clip_core.errors import check
 
-PRECISIONS = ("bf16", "fp16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # auto: bf16 where native, else fp32 (train/precision.py)
 
 
 def absolute(path: str | None) -> str | None:
@@ -45,9 +45,9 @@ class TrainConfig:
     # model and precision
     preset: str = "tiny"
     image_size: int | None = None  # override the preset's resolution (tests: 32 px)
-    precision: str = "bf16"
+    precision: str = "auto"
     grad_checkpointing: bool = False
-    compile: bool = False
+    compile: bool | None = None  # torch.compile the model; None: on CUDA yes, elsewhere no
     # optimisation
     steps: int | None = None
     samples: int | None = None

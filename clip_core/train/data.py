@@ -68,6 +68,7 @@ class DataConfig:
     rank: int = 0
     world_size: int = 1
     pin_memory: bool = False
+    normalize: bool = True  # False: uint8 images, normalised on the device (clip_core.train.loop.NormalizeImages)
     exclude: frozenset = frozenset()  # sample keys left out (dedup's matches: near-copies of eval images)
     exclude_source: str | None = None  # the file `exclude` came from, for messages
 
@@ -324,7 +325,7 @@ class _Stream:
             caption = sample[TEXT_EXT].decode("utf-8").strip()
         except (ImageDecodeError, UnicodeDecodeError):
             return None, "undecodable"
-        crop = image_transform(self.cfg.image_size, train=True, generator=seed)
+        crop = image_transform(self.cfg.image_size, train=True, generator=seed, normalize=self.cfg.normalize)
         return (key, crop(image), caption), None
 
     def state(self) -> dict:

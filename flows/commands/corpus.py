@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 from clip_core.crawl.download import crawl
+from clip_core.crawl.politeness import DEFAULT_CONCURRENCY, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_RPS, DEFAULT_USER_AGENT
 from clip_core.crawl.safety import RESIZE_MODES
 from clip_core.checks import whole_number
 from clip_core.curation.curate import check_curate_options, curate
@@ -20,6 +21,7 @@ from clip_core.curation.queries import build_queries, check_queries_options
 from clip_core.errors import BAD_INPUT_ERRORS, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, check
 from clip_core.executors import LocalExecutor
 from clip_core.extract.wat import DEFAULT_SHARD_ROWS, STATS_NAME, extract
+from flows.common import check_ray_address
 
 
 def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +42,10 @@ def stage_executor(name: str, address: str | None, workers: int | None, local=No
             whole_number("--workers", workers, fix="CPUs of a local Ray; leave it out for all cores")
         from flows.executors import RayExecutor  # Ray is imported only when asked for
 
-        return RayExecutor(address=address or os.environ.get("RAY_ADDRESS") or None, num_cpus=workers)
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        if address:  # a malformed or silent address is bad input (exit 2), not a hang inside ray.init
+            check_ray_address("--ray-address", address)
+        return RayExecutor(address=address, num_cpus=workers)
     return local(workers) if local else contextlib.nullcontext(None)
 
 
@@ -166,9 +171,26 @@ def add_crawl_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retry-failed", action="store_true",
                         help="fetch again the samples that failed to download (not 404/410/451/opt-outs)")
     parser.add_argument("--encode-quality", type=int, default=95)
-    parser.add_argument("--user-agent-token", default=None)
+    parser.add_argument("--user-agent", default=DEFAULT_USER_AGENT,
+                        help="sent on every request, robots.txt included: name the crawler and a contact URL "
+                             "(default: %(default)s)")
+    parser.add_argument("--user-agent-token", default=None,
+                        help="X-Robots-Tag token, added to img2dataset's own User-Agent on https (default: the "
+                             "product token of --user-agent)")
+    parser.add_argument("--ignore-robots", action="store_true",
+                        help="do not read robots.txt (only for sites that allow it otherwise)")
+    parser.add_argument("--per-host-rps", type=float, default=DEFAULT_RPS,
+                        help="request starts per second per host, across the node (and the cluster); "
+                             "a robots.txt Crawl-delay tightens it; 0: no limit (default: %(default)s)")
+    parser.add_argument("--per-host-concurrency", type=int, default=DEFAULT_CONCURRENCY,
+                        help="requests in flight per host; 0: no limit (default: %(default)s)")
+    parser.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
+                        help="a larger response is given up (default: %(default)s)")
+    parser.add_argument("--throttle-retries", type=int, default=2,
+                        help="times a sample answered 429/503 with Retry-After is asked again after the pause")
     parser.add_argument("--no-guard", dest="guard", action="store_false",
-                        help="do not route requests through the guard proxy (redirects then go unchecked)")
+                        help="do not route requests through the guard proxy (redirects then go unchecked, "
+                             "and the per-host limits, Retry-After and the deadline do not apply)")
     add_executor_arguments(parser)
 
 
@@ -182,7 +204,9 @@ def run_crawl_command(args: argparse.Namespace) -> int:
                 number_sample_per_shard=args.number_sample_per_shard, allow_networks=args.allow_network,
                 timeout=args.timeout, retries=args.retries, retry_failed=args.retry_failed,
                 encode_quality=args.encode_quality, user_agent_token=args.user_agent_token, guard=args.guard,
-                executor=executor)
+                executor=executor, user_agent=args.user_agent, per_host_rps=args.per_host_rps,
+                per_host_concurrency=args.per_host_concurrency, ignore_robots=args.ignore_robots,
+                max_image_bytes=args.max_image_bytes, throttle_retries=args.throttle_retries)
     except BAD_INPUT_ERRORS as err:
         print(f"clip-pipeline crawl: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 
+from clip_core.checks import check_device
 from clip_core.errors import InputError, check
 from flows.commands.corpus import add_executor_arguments, stage_executor
 
@@ -34,7 +35,10 @@ def _train_options(parser) -> None:
 
 def _shared_options(parser, batch_size: int | None) -> None:
     parser.add_argument("--batch-size", type=int, default=batch_size, help="images per batch")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda[:N], or auto: cuda where CUDA is present, else cpu (dedup with "
+                             "--executor ray: cuda or auto gives each shard task one of the cluster's GPUs, "
+                             "the driver encoding the eval sets on cuda if it has CUDA, else on cpu)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -66,6 +70,39 @@ def add_dedup_arguments(parser: argparse.ArgumentParser) -> None:
     add_executor_arguments(parser)
     _shared_options(parser, None)
     _train_options(parser.add_argument_group(f"{TRAIN_WORD} (when CORPUS is {TRAIN_WORD})"))
+
+
+def dedup_placement(device: str, cluster_gpus: float | None, driver_cuda: bool) -> tuple[str, str, float]:
+    """(driver device, shard device, GPUs each Ray shard task asks for); cluster_gpus None: no Ray.
+
+    The driver encodes and calibrates the eval sets; the shard tasks encode and search the
+    corpus. Without Ray both run here on one device (auto: cuda where CUDA is). On Ray, cuda or
+    auto puts every shard task on one of the cluster's GPUs (seen there as cuda:0) whatever the
+    driver has, the driver on cuda if it has CUDA, else on cpu (the usual CPU-only head); a
+    cluster without GPUs runs auto on cpu everywhere and refuses cuda."""
+    kind, _, index = device.partition(":")
+    if cluster_gpus is None:
+        device = ("cuda" if driver_cuda else "cpu") if kind == "auto" else device
+        return device, device, 0.0
+    if kind == "auto":
+        if not cluster_gpus > 0:
+            return "cpu", "cpu", 0.0
+        device = "cuda"
+    elif kind != "cuda":
+        return device, device, 0.0
+    check(cluster_gpus > 0, "--device", f"{device} with --executor ray, but the Ray cluster declares no GPU",
+          "pass --device cpu or auto, or add GPU nodes to the cluster")
+    check(index in ("", "0"), "--device", f"{device} with --executor ray: a shard task sees only the GPU Ray "
+          "gives it, as cuda:0", "pass --device cuda or auto")
+    return (device if driver_cuda else "cpu"), device, 1.0
+
+
+def _local_device(device: str) -> str:
+    """--device as this machine runs it: auto is cuda where torch sees CUDA, else cpu."""
+    if device != "auto":
+        return device
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _set_threads(n: int | None) -> None:
@@ -108,13 +145,22 @@ def run_dedup_command(args: argparse.Namespace) -> int:
         check(not args.eval_dirs, "--eval", f"{TRAIN_WORD} takes no --eval", "drop --eval, or name a corpus")
         return run_train_detector_command(args)
     check(bool(args.eval_dirs), "--eval", "dedup needs at least one eval set folder", "pass --eval EVALDIR")
+    from dedup.checks import check_device_name
     from dedup.near_dup import dedup
     thresholds = _thresholds(args.threshold)
+    if args.device != "auto":  # before any cluster starts
+        on_cluster = args.executor == "ray" and args.device.startswith("cuda")  # the cluster's GPUs: placement
+        (check_device_name if on_cluster else check_device)("--device", args.device)
     with stage_executor(args.executor, args.ray_address, None) as executor:  # None: shards one by one, here
+        if args.executor == "ray":
+            device, shard_device = _place_shards(executor, args.device)
+        else:
+            device = shard_device = _local_device(args.device)
         stats = dedup(args.corpus, args.out, args.eval_dirs, descriptor=args.descriptor, precision=args.precision,
                       detector_path=args.detector, splits=tuple(args.splits or ("test",)), thresholds=thresholds,
                       calibration_samples=args.calibration_samples, batch_size=_batch_size(args.batch_size, 128),
-                      k=args.k, device=args.device, seed=args.seed, sheet_size=args.sheet_size, executor=executor)
+                      k=args.k, device=device, shard_device=shard_device, seed=args.seed,
+                      sheet_size=args.sheet_size, executor=executor)
     _warn_damaged(stats)
     summary = {"corpus_images": stats.corpus_images, "unreadable": stats.unreadable, "dropped": stats.dropped,
                "removed": stats.removed, "kept": stats.kept,
@@ -122,6 +168,14 @@ def run_dedup_command(args: argparse.Namespace) -> int:
                              for name, s in stats.eval_sets.items()}}
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _place_shards(executor, device: str) -> tuple[str, str]:
+    """Set the Ray executor's GPUs per shard task for `device` (`dedup_placement`); (driver, shard) devices."""
+    import torch
+    driver, shard, executor.gpus_per_task = dedup_placement(device, executor.cluster_gpus(),
+                                                            torch.cuda.is_available())
+    return driver, shard
 
 
 def _training_images(uri: str, limit: int) -> list[bytes]:
@@ -149,10 +203,10 @@ def run_train_detector_command(args: argparse.Namespace) -> int:
     from dedup.augment import image_source, sample_photos
     from dedup.checks import check_train_detector_options
     from dedup.copy_detector import DetectorConfig, train_copy_detector
-    batch_size = _batch_size(args.batch_size, 96)
+    batch_size, device = _batch_size(args.batch_size, 96), _local_device(args.device)
     check_train_detector_options(args.out, steps=args.steps, batch_size=batch_size, lr=args.lr,
                                  image_size=args.image_size, max_images=args.max_images, workers=args.workers,
-                                 device=args.device, images=args.images, init=args.init)
+                                 device=device, images=args.images, init=args.init)
     _set_threads(args.threads)
     source = _training_images(args.images, args.max_images) if args.images else image_source(sample_photos())
     every = max(1, args.steps // 20)
@@ -162,7 +216,7 @@ def run_train_detector_command(args: argparse.Namespace) -> int:
             print(f"step {step:5d}  loss {loss:.4f}", flush=True)
 
     train_copy_detector(source, args.out, args.steps, batch_size=batch_size, lr=args.lr,
-                        config=DetectorConfig(image_size=args.image_size), device=args.device, seed=args.seed,
+                        config=DetectorConfig(image_size=args.image_size), device=device, seed=args.seed,
                         init=args.init, num_workers=args.workers, log=log)
     print(f"wrote {args.out}")
     return 0

@@ -30,7 +30,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     opt("--lr", type=float, default=S)
     opt("--warmup", type=int, default=S, help="linear warmup steps before the cosine decay")
     opt("--weight-decay", type=float, default=S)
-    opt("--precision", choices=PRECISIONS, default=S)
+    opt("--precision", choices=PRECISIONS, default=S,
+        help="auto (default): bf16 on CUDA with bf16 or a CPU with AMX/AVX512-BF16, else fp32; the choice is logged")
     opt("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=S)
     opt("--accum-steps", type=int, default=S, help="micro-batches per step; every negative is kept")
     opt("--local-loss", action=argparse.BooleanOptionalAction, default=S,
@@ -45,6 +46,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     opt("--resampled", action=argparse.BooleanOptionalAction, default=S,
         help="draw shards with replacement (virtual epochs)")
     opt("--checkpoint-every", type=int, default=S, help="steps between checkpoints")
+    opt("--checkpoint-minutes", type=float, default=S,
+        help="also checkpoint when this many minutes have passed since the last one (checked at log steps)")
     opt("--num-to-keep", type=int, default=S, help="checkpoints Ray keeps")
     opt("--max-failures", type=int, default=S, help="worker failures Ray recovers from")
     opt("--resume", default=S, help="auto (continue this run), never, or a checkpoint folder")
@@ -57,7 +60,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     opt("--mlflow-uri", default=S, help="tracking URI; default MLFLOW_TRACKING_URI or sqlite:///OUT/mlflow.db "
         "(./mlflow.db for a remote OUT)")
     opt("--experiment", default=S, help="MLflow experiment name")
-    opt("--log-every", type=int, default=S)
+    opt("--log-every", type=int, default=S, help="steps between progress lines and MLflow rows")
+    opt("--ray-logs", action=argparse.BooleanOptionalAction, default=S,
+        help="show Ray's and the workers' own log lines (default: only the progress lines)")
     opt("--exclude", default=S, metavar="KEYS",
         help="leave these samples out: dedup's matches.parquet (column key) or a text file of keys")
     opt("--eval", nargs="+", default=S, metavar="EVALDIR", help="eval sets for periodic zero-shot accuracy")
