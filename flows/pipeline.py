@@ -20,7 +20,8 @@ if TYPE_CHECKING:  # flows.train loads Ray: only when the train flow runs
 
 @flow(name="train", log_prints=True)
 def train_model(corpus: str, output: str, preset: str = "tiny", steps: int = 300, batch_size: int = 64,
-                lr: float = 1e-3, warmup: int = 30, workers: int = 2, cpus_per_worker: float = 0.5,
+                lr: float = 1e-3, warmup: int = 30, image_size: int | None = None, context_length: int | None = None,
+                workers: int = 2, cpus_per_worker: float = 0.5,
                 gpus_per_worker: float = 0.0,
                 data_workers: int = 1, precision: str = "auto",
                 exclude: str | None = None, eval_dirs: list[str] | None = None, mlflow_uri: str | None = None,
@@ -37,8 +38,8 @@ def train_model(corpus: str, output: str, preset: str = "tiny", steps: int = 300
     from flows.train import RunSettings, train
 
     config = TrainConfig(corpus=corpus, preset=preset, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
-                         data_workers=data_workers, precision=precision, seed=seed, exclude=exclude,
-                         eval=tuple(eval_dirs or ()))
+                         image_size=image_size, context_length=context_length, data_workers=data_workers,
+                         precision=precision, seed=seed, exclude=exclude, eval=tuple(eval_dirs or ()))
     run = RunSettings(output=output, workers=workers, cpus_per_worker=cpus_per_worker,
                       gpus_per_worker=gpus_per_worker, checkpoint_every=checkpoint_every, max_failures=max_failures,
                       mlflow_uri=mlflow_uri, experiment=experiment, mlflow_parent_run_id=mlflow_parent_run_id,
@@ -57,9 +58,10 @@ def overlap_analysis(checkpoint: str, eval_dirs: list[str], matches: str, out_di
 
 
 @flow(name="clip-pipeline", log_prints=True)
-def clip_pipeline(storage: str = "runs/demo", web_pairs: int = 10_000, max_per_query: int = 500, steps: int = 300,
+def clip_pipeline(storage: str = "runs/demo", web_pairs: int = 10_000, max_per_query: int = 500, steps: int = 280,
                   batch_size: int = 256, lr: float = 2e-3, warmup: int = 30, workers: int = 2,
-                  preset: str = "tiny-rn", seed: int = 0, ray_address: str | None = None) -> dict:
+                  preset: str = "tiny-rn", image_size: int | None = 32, context_length: int | None = 32, seed: int = 0,
+                  ray_address: str | None = None) -> dict:
     """The whole DAG on the embedded default: corpus, training, evaluation, overlap analysis.
 
     ray_address ("auto" or HOST:PORT) sends the corpus stages and the training to that cluster;
@@ -72,6 +74,7 @@ def clip_pipeline(storage: str = "runs/demo", web_pairs: int = 10_000, max_per_q
     uri = tracking_uri(storage)
     parent = start_parent(uri, "clip-pipeline", {"storage": storage, "web_pairs": web_pairs, "steps": steps,
                                                  "batch_size": batch_size, "lr": lr, "warmup": warmup,
+                                                 "image_size": image_size, "context_length": context_length,
                                                  "max_per_query": max_per_query, "preset": preset, "seed": seed})
     cfg = CorpusConfig(storage=storage, web_pairs=web_pairs, max_per_query=max_per_query, seed=seed,
                        ray_address=ray_address)
@@ -80,7 +83,8 @@ def clip_pipeline(storage: str = "runs/demo", web_pairs: int = 10_000, max_per_q
     matches = join(corpus["dedup"], "matches.parquet") if corpus["dedup"] else None
     output = join(storage, "train")
     summary = train_model(corpus["shards"], output, preset=preset, steps=steps, batch_size=batch_size, lr=lr,
-                          warmup=warmup, workers=workers, exclude=matches, mlflow_uri=uri, seed=seed,
+                          warmup=warmup, image_size=image_size, context_length=context_length, workers=workers,
+                          exclude=matches, mlflow_uri=uri, seed=seed,
                           mlflow_parent_run_id=parent.run_id, experiment=EXPERIMENT, ray_address=ray_address)
     child = start_child(parent, "evaluate", {"checkpoint": output})
     records = evaluate(output, evals, ["zeroshot", "retrieval"], join(storage, "eval"), mlflow_uri=uri,

@@ -216,7 +216,7 @@ def _gather(obj) -> list:
 def _rank0_callbacks(cfg: TrainConfig, run: RunSettings, config: dict, world: int, loader, device,
                      precision: str) -> list:
     with torch.device("meta"):
-        meta = create_model(cfg.preset, **({"vision_cfg": {"image_size": cfg.image_size}} if cfg.image_size else {}))
+        meta = create_model(cfg.preset, **cfg.model_overrides())
     tracker = Tracker(config["tracking_uri"] if config["run_id"] else None, config["run_id"], output=run.output)
     note = precision_note(cfg.precision, precision, device)  # the choice --precision auto made, shown once
     if config.get("progress"):

@@ -99,8 +99,8 @@ def test_demo_defaults_are_the_pipeline_defaults():
     flow_defaults = {name: p.default for name, p in inspect.signature(clip_pipeline.fn).parameters.items()}
     demo = _demo_defaults()
     renamed = {"pairs": "web_pairs"}
-    for option in ("storage", "pairs", "max_per_query", "preset", "steps", "batch_size", "lr", "warmup",
-                   "workers", "seed"):
+    for option in ("storage", "pairs", "max_per_query", "preset", "image_size", "context_length", "steps",
+                   "batch_size", "lr", "warmup", "workers", "seed"):
         assert demo[option] == flow_defaults[renamed.get(option, option)], option
 
 
@@ -109,8 +109,8 @@ def test_demo_recipe_is_a_valid_training_config():
     from clip_core.train.config import TrainConfig
 
     demo = _demo_defaults()
-    cfg = TrainConfig(preset=demo["preset"], steps=demo["steps"], batch_size=demo["batch_size"], lr=demo["lr"],
-                      warmup=demo["warmup"])
+    cfg = TrainConfig(preset=demo["preset"], image_size=demo["image_size"], context_length=demo["context_length"],
+                      steps=demo["steps"], batch_size=demo["batch_size"], lr=demo["lr"], warmup=demo["warmup"])
     cfg.check_workers(demo["workers"])  # raises InputError otherwise
     assert 0 < cfg.warmup < cfg.total_steps
 

@@ -208,6 +208,32 @@ def test_a_checkpoint_of_another_preset_is_bad_input(tmp_path, capsys, corpus, c
     assert "vision_cfg.image_size: checkpoint 32 vs configured 64" in err and "--resume never" in err
 
 
+def test_a_checkpoint_of_another_context_length_is_bad_input(tmp_path, capsys, corpus, checkpoint, no_ray):
+    code, err = _train(tmp_path, capsys, corpus, "--resume", str(checkpoint), "--context-length", "16")
+    assert code == 2 and "another model than --preset tiny --image-size 32 --context-length 16" in err
+    assert "text_cfg.context_length: checkpoint 77 vs configured 16" in err
+
+
+@pytest.mark.parametrize("flags, message", [(["--context-length", "0"], "context_length must be >= 1, got 0"),
+                                            (["--preset", "tiny-rn", "--image-size", "48"],
+                                             "a ResNet needs image_size divisible by 32, got 48")])
+def test_a_model_the_options_cannot_make_is_bad_input(tmp_path, capsys, corpus, flags, message, no_ray):
+    code, err = _train(tmp_path, capsys, corpus, *flags)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_context_length_sets_the_models_text_context_and_the_loaders_tokens(corpus):
+    """--context-length overrides the preset's context: the model's positions and the batches' token width."""
+    cfg = TrainConfig(corpus=corpus, preset="tiny", image_size=32, context_length=16, steps=1, batch_size=4,
+                      precision="fp32", data_workers=0)
+    trainer, loader = build_training(cfg)
+    assert trainer.model.config.text.context_length == 16
+    assert trainer.model.positional_embedding.shape[0] == 16
+    images, tokens = next(iter(loader))
+    assert tokens.shape == (4, 16) and images.shape[-1] == 32
+    assert TrainConfig(preset="tiny").model_overrides() == {}
+
+
 def test_the_checkpoint_ray_would_resume_is_checked_too(tmp_path, capsys, corpus, checkpoint, no_ray):
     run = tmp_path / "out" / "ray" / "clip-train"
     run.mkdir(parents=True)

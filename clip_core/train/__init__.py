@@ -30,8 +30,7 @@ __all__ = ["TrainConfig", "DataStats", "Trainer", "NonFiniteLossError", "build_m
 def build_model_for(cfg: TrainConfig) -> nn.Module:
     """A freshly initialised CLIP of the configured preset (seeded)."""
     torch.manual_seed(cfg.seed)
-    overrides = {"vision_cfg": {"image_size": cfg.image_size}} if cfg.image_size else {}
-    model = create_model(cfg.preset, **overrides)
+    model = create_model(cfg.preset, **cfg.model_overrides())
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     return model
 

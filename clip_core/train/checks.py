@@ -46,9 +46,8 @@ def check_training_inputs(cfg: TrainConfig, resume: str | None = None) -> list[s
 
 
 def model_config(cfg: TrainConfig):
-    """The CLIPConfig that `cfg` trains: its preset with the --image-size override."""
-    config = load_preset(cfg.preset)
-    return config.replace(vision_cfg={"image_size": cfg.image_size}) if cfg.image_size else config
+    """The CLIPConfig that `cfg` trains: its preset with the --image-size and --context-length overrides."""
+    return load_preset(cfg.preset).replace(**cfg.model_overrides())
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -83,7 +82,8 @@ def check_checkpoint_matches(folder: str | Path, cfg: TrainConfig) -> None:
     if saved.to_dict() == wanted.to_dict():
         return
     diff = "; ".join(_differences(saved, wanted)[:4])
-    size = f" --image-size {cfg.image_size}" if cfg.image_size else ""
+    size = (f" --image-size {cfg.image_size}" if cfg.image_size else "") + (
+        f" --context-length {cfg.context_length}" if cfg.context_length else "")
     raise InputError(f"{folder}/{CONFIG_FILE}" if remote else str(Path(folder) / CONFIG_FILE), f"this checkpoint is of another model than --preset "
                      f"{cfg.preset}{size} ({diff})", "train with the checkpoint's preset to continue it, or start "
                      "afresh with --resume never or a new OUT")

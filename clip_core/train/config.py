@@ -45,6 +45,7 @@ class TrainConfig:
     # model and precision
     preset: str = "tiny"
     image_size: int | None = None  # override the preset's resolution (tests: 32 px)
+    context_length: int | None = None  # override the preset's text context (short captions: a cheaper text tower)
     precision: str = "auto"
     grad_checkpointing: bool = False
     compile: bool | None = None  # torch.compile the model; None: on CUDA yes, elsewhere no
@@ -76,12 +77,25 @@ class TrainConfig:
         """Raise ValueError on options that cannot train."""
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        load_preset(self.preset)  # unknown presets raise, listing the known ones
+        for name in ("image_size", "context_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        # unknown presets raise, listing the known ones; so does a resolution the model cannot take
+        load_preset(self.preset).replace(**self.model_overrides())
         for name in ("batch_size", "accum_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.steps is not None and self.steps < 1 or self.samples is not None and self.samples < 1:
             raise ValueError("steps and samples must be >= 1")
+
+    def model_overrides(self) -> dict:
+        """The preset's fields this config overrides, as create_model and CLIPConfig.replace take them."""
+        out = {}
+        if self.image_size:
+            out["vision_cfg"] = {"image_size": self.image_size}
+        if self.context_length:
+            out["text_cfg"] = {"context_length": self.context_length}
+        return out
 
     def check_workers(self, workers: int) -> None:
         """InputError unless the global batch splits evenly over `workers` x `accum_steps` micro-batches."""

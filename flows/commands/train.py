@@ -24,6 +24,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     opt("--config", default=None, help="JSON/YAML file with the same keys; the command line wins")
     opt("--preset", default=S, help="model preset (see `clip-pipeline models`)")
     opt("--image-size", type=int, default=S, help="override the preset's image resolution")
+    opt("--context-length", type=int, default=S,
+        help="override the preset's text context in tokens (captions are cut to it; the demo's are short)")
     opt("--steps", type=int, default=S, help="optimizer steps")
     opt("--samples", type=int, default=S, help="samples seen in all (instead of --steps)")
     opt("--batch-size", type=int, default=S, help="global batch size (all workers, all micro-batches)")
