@@ -45,12 +45,11 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from clip_core.config import load_preset
 from clip_core.errors import InputError
 from clip_core.model import create_model
 from clip_core.train import DataStats, TrainConfig, build_training, restore_training
 from clip_core.train.checkpoint import save_train_state
-from clip_core.train.checks import RESUME_FIX, check_checkpoint_matches, check_training_inputs
+from clip_core.train.checks import RESUME_FIX, check_checkpoint_matches, check_training_inputs, model_config
 from clip_core.train.config import absolute
 from clip_core.train.loop import NonFiniteLossError, scalar
 from clip_core.train.optim import unwrap
@@ -328,7 +327,8 @@ def _open_run(cfg: TrainConfig, run: RunSettings, urls: list[str]) -> tuple[Trac
     if run.resume != "never":
         ended = tracker.end_stale(run.experiment, run.name, {"output": run.output})
         tags |= {"continues_runs": ",".join(ended)} if ended else {}
-    params = {**cfg.to_dict(), **run.to_dict(), "preset_config": load_preset(cfg.preset).to_dict()}
+    # the model trained: the preset with --image-size / --context-length applied
+    params = {**cfg.to_dict(), **run.to_dict(), "preset_config": model_config(cfg).to_dict()}
     return tracker, tracker.start(run.experiment, run.name, params, tags)
 
 

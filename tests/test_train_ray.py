@@ -119,6 +119,7 @@ def test_two_workers_train_checkpoint_and_track(tmp_path, corpus, eval_sets, ray
     run = client.get_run(summary.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["batch_size"] == "16" and run.data.params["preset_config.vision_cfg.width"] == "128"
+    assert run.data.params["preset_config.vision_cfg.image_size"] == "32"  # the model trained, override applied
     assert run.data.tags["corpus"] == corpus and run.data.tags["git_commit"]
     for name in ("loss", "lr", "logit_scale", "grad_norm", "samples_per_s", "samples_per_s_worker", "data_wait",
                  "step_time", "zeroshot.colours.acc1"):
