@@ -165,9 +165,9 @@ def serving(web: str | None):
     if web is None:
         yield
         return
-    from synthweb.server import serve_web, spec_port
+    from synthweb.server import serve_web_process, spec_port
 
-    with serve_web(web, port=spec_port(web)):
+    with serve_web_process(web, port=spec_port(web)):
         yield
 
 

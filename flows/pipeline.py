@@ -58,7 +58,7 @@ def overlap_analysis(checkpoint: str, eval_dirs: list[str], matches: str, out_di
 
 
 @flow(name="clip-pipeline", log_prints=True)
-def clip_pipeline(storage: str = "runs/demo", web_pairs: int = 10_000, max_per_query: int = 500, steps: int = 280,
+def clip_pipeline(storage: str = "runs/demo", web_pairs: int = 8_000, max_per_query: int = 500, steps: int = 260,
                   batch_size: int = 256, lr: float = 2e-3, warmup: int = 30, workers: int = 2,
                   preset: str = "tiny-rn", image_size: int | None = 32, context_length: int | None = 32, seed: int = 0,
                   ray_address: str | None = None) -> dict:

@@ -11,8 +11,10 @@ from, or confused with, the real one. `run_web_server` blocks until SIGINT/SIGTE
 from __future__ import annotations
 
 import collections
+import contextlib
 import ipaddress
 import itertools
+import multiprocessing
 import select
 import signal
 import socket
@@ -32,7 +34,7 @@ from synthweb.hosts import HostRules, RequestRecord, Throttle, is_image_path, ur
 from synthweb.spec import load_spec
 
 __all__ = ["HostRules", "RequestRecord", "WebServer", "loopback_host", "run_web_server", "serve_web",
-           "spec_port"]
+           "serve_web_process", "spec_port"]
 
 LOG_LIMIT = 1_000_000  # records kept (about 30 MB per 100k); counts go on past it
 _POLL = 0.05  # seconds between checks for a hung-up client or a shutdown while waiting
@@ -352,3 +354,37 @@ def run_web_server(root: str, host: str = "127.0.0.1", port: int | None = None, 
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _serve_until(root: str, host: str, port: int, ready, stop) -> None:
+    with serve_web(root, host, port):
+        ready.set()
+        stop.wait()
+
+
+@contextlib.contextmanager
+def serve_web_process(root: str, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 60.0):
+    """serve_web in a child process, for the length of a with block.
+
+    Rendering is Python under the GIL: served from the process that also crawls (the guard proxy's
+    threads, a flow's own threads), the web and the crawl take turns on one core. In its own
+    process the web has a core to itself (the demo's 10,000-pair crawl: 87 s -> see README).
+    """
+    ctx = multiprocessing.get_context("spawn")
+    ready, stop = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=_serve_until, args=(root, loopback_host(host), port, ready, stop),
+                        name="synthetic-web", daemon=True)
+    child.start()
+    try:
+        deadline = time.monotonic() + start_timeout
+        while not ready.wait(0.1):
+            if not child.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the synthetic web under {root} did not start on {host}:{port} "
+                                   f"(child exit code {child.exitcode}; is the port taken?)")
+        yield
+    finally:
+        stop.set()
+        child.join(10)
+        if child.is_alive():
+            child.terminate()
+            child.join(5)

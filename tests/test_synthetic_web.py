@@ -20,7 +20,7 @@ from synthweb.render import render_scene
 from synthweb.scenes import eval_table, load_digit_bank, row, web_table
 from synthweb.generator import generate_web
 from synthweb.app import SyntheticWeb
-from synthweb.server import loopback_host, serve_web
+from synthweb.server import loopback_host, serve_web, serve_web_process
 from synthweb.spec import FATES, WebSpec, load_spec
 from clip_core.data.webdataset import list_shards, read_samples, write_shards
 
@@ -98,6 +98,20 @@ def test_vectorised_table_matches_single_uid():
     for uid in (0, 1, 77, 4999):
         one = web_table(spec, [uid], bank)
         assert {k: v[0] for k, v in one.items()} == {k: v[uid] for k, v in full.items()}
+
+
+def test_responses_drawn_by_block_are_the_single_uid_responses(web):
+    """The server draws rows 1024 uids at a time; every answer must be the one uid's own."""
+    app, by_uid = web["app"], {p["uid"]: p for p in web["pairs"]}
+    for uid in (0, 1023, 1024, 2047, 2048, N_PAIRS - 1):  # both sides of the block edges
+        path = _path(by_uid[uid]["url"])
+        scene = row(web_table(app.spec, [uid], app.bank), 0)  # drawn alone
+        fate, got = FATES[scene["fate"]], app.respond(path)
+        if fate in ("404", "500") or fate.startswith("redirect"):
+            assert got.status == int(fate[-3:])
+        else:
+            want = app._body_response(fate, uid, path.rsplit("/", 1)[1], scene)
+            assert (got.status, got.body, got.content_type) == (want.status, want.body, want.content_type)
 
 
 def test_shapes_match_their_labels():
@@ -289,6 +303,26 @@ def test_serving_over_loopback(web):
             urllib.request.urlopen(_by_fate(web, "404")[0][0]["url"], timeout=10)
         assert err.value.code == 404
         assert server.requests == 5 and server.status_counts()[301] == 1
+
+
+def test_web_served_from_a_child_process(web):
+    ok = _by_fate(web, "ok")[0]
+    with serve_web_process(web["root"], port=web["port"]):
+        with urllib.request.urlopen(ok[0]["url"], timeout=10) as r:
+            served = r.read()
+    assert served == web["app"].image(ok[0]["uid"], _path(ok[0]["url"]).rsplit("/", 1)[1])[0]
+    with pytest.raises(OSError):  # the child is gone with the block: nothing listens any more
+        urllib.request.urlopen(ok[0]["url"], timeout=2)
+
+
+def test_a_web_process_that_cannot_start_says_so(web):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match="did not start"):
+            with serve_web_process(web["root"], port=port):
+                pass
 
 
 def test_shutdown_does_not_wait_for_slow_responses(web):
