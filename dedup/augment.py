@@ -184,3 +184,30 @@ def image_source(photos: Sequence[Image.Image] = (), photo_fraction: float = 0.5
             return photo_crop(photos, rng, size)
         return procedural_image(rng, size)
     return draw
+
+
+def negative_pool(n: int, seed: int = 0, size_range: tuple = (64, 257)) -> list[Image.Image]:
+    """`n` calibration negatives that copy nothing, the same for a seed: crops of 5-60% of
+    TRAIN_PHOTOS at 64-256 px (other real photographs, the hard negatives a web corpus is full
+    of), some in grey and some blown up from a thumbnail of 8-32 px (scans, faces, icons), and
+    procedural scenes. An eval set holding one of TRAIN_PHOTOS would see a few of its crops
+    counted as negatives: a slightly higher threshold, never a false match."""
+    rng = np.random.default_rng([seed, 1905])
+    photos = sample_photos(TRAIN_PHOTOS)
+    out = []
+    for i in range(n):
+        side = int(rng.integers(*size_range))
+        if not photos or i % 3 == 2:
+            out.append(procedural_image(rng, side))
+            continue
+        photo = photos[int(rng.integers(len(photos)))]
+        img = photo.crop(_crop_box(*photo.size, rng, area=(0.05, 0.6), aspect=(0.75, 1.33)))
+        if rng.random() < 0.3:
+            img = img.convert("L").convert("RGB")
+        if rng.random() < 0.3:
+            thumb = int(rng.integers(8, 33))
+            img = img.resize((thumb, thumb), Image.BOX)
+            out.append(img.resize((side, side), Image.NEAREST if rng.random() < 0.5 else Image.BICUBIC))
+        else:
+            out.append(img.resize((side, side), Image.BICUBIC))
+    return out

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 MAX_GRID = 128  # candidate thresholds tried on the first descriptor of an OR pair
+MIN_POSITIVES = 200  # positive pairs a calibration draws at least, whatever the eval set's size
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,13 @@ def precision_recall(pos: np.ndarray, neg: np.ndarray, thresholds) -> tuple[floa
 
 
 def _sweep(pos: np.ndarray, neg: np.ndarray, precision: float, tp0: int = 0, fp0: int = 0):
-    """Lowest threshold t with precision >= target when pairs already caught (tp0, fp0) count too.
+    """The threshold t of most recall with precision >= target when pairs already caught (tp0, fp0)
+    count too; of the thresholds with that recall, the highest: the weakest positive it needs.
+
+    Any lower threshold with the same recall only lets more negatives through: the lowest
+    admissible one sat on the edge of the calibration negatives, and unseen photos crossed it
+    (held-out real photos, bench/dedup_heldout.py: precision 0.59-0.94 at the lowest, 0.91-1.0
+    midway in the gap, 0.97-1.0 here, recall 1.0 in all three).
 
     Returns (threshold, tp, fp) or None. Predictions are `score >= t`; ties move together.
     """
@@ -51,7 +58,8 @@ def _sweep(pos: np.ndarray, neg: np.ndarray, precision: float, tp0: int = 0, fp0
     ok = last_of_tie & (tp >= precision * (tp + fp)) & (tp > 0)
     if not ok.any():
         return None
-    i = np.flatnonzero(ok)[-1]  # lowest admissible threshold = most recall
+    admissible = np.flatnonzero(ok)
+    i = admissible[np.argmax(tp[admissible])]  # most recall; the first such: fewest false matches
     return float(scores[i]), int(tp[i]), int(fp[i])
 
 
@@ -123,41 +131,64 @@ def loo_negatives(top_scores: np.ndarray, top_ids: np.ndarray, source: np.ndarra
 def copy_scores(descriptors, ref, images, sources, device: str = "cpu"):
     """Positive and leave-one-out negative scores (n, m) of copies of the eval rows `sources`.
 
-    An eval image at least as close to the source as the copy is (an eval-internal duplicate)
-    is no false match: that negative becomes -inf. Also returns the (n,) internal-duplicate mask.
+    An eval image that every descriptor finds at least as close to the source as the copy is
+    (an eval-internal duplicate) is no false match: that negative becomes -inf. One descriptor
+    alone is not enough: a weak copy under pHash scores like an unrelated image, and dropping
+    those hard negatives set pHash's threshold where chance matches pass. Also returns the (n,)
+    internal-duplicate mask.
     """
     from dedup.descriptors import encode, pair_similarity
     codes = encode(descriptors, images)
-    pos, neg, internal = [], [], np.zeros(len(sources), bool)
+    pos, neg, internal = [], [], np.ones(len(sources), bool)
     for d in descriptors:
         pos.append(pair_similarity(d, ref.codes[d.name][sources], codes[d.name]))
         top, ids = ref.index(d, device).search(codes[d.name], k=2)
         score, other = loo_negatives(top, ids, sources)
         between = pair_similarity(d, ref.codes[d.name][sources], ref.codes[d.name][other])
-        twin = (other != sources) & (between >= pos[-1])
-        neg.append(np.where(twin, -np.inf, score))
-        internal |= twin
+        internal &= (other != sources) & (between >= pos[-1])
+        neg.append(score)
+    neg = [np.where(internal, -np.inf, n) for n in neg]
     return np.stack(pos, 1), np.stack(neg, 1), internal
 
 
 def top1_scores(descriptors, ref, images, device: str = "cpu") -> np.ndarray:
     """Best score (n, m) of each image against the eval index: negatives when none is a copy."""
     from dedup.descriptors import encode
-    codes = encode(descriptors, images)
+    return top1_of_codes(descriptors, ref, encode(descriptors, images), device)
+
+
+def top1_of_codes(descriptors, ref, codes: dict, device: str = "cpu") -> np.ndarray:
+    """Best score (n, m) against the eval index of images already encoded (`codes` by descriptor)."""
     return np.stack([ref.index(d, device).search(codes[d.name], k=1)[0][:, 0] for d in descriptors], 1)
 
 
-def calibrate_reference(descriptors, ref, reservoir, precision: float, rng: np.random.Generator,
-                        negatives=(), device: str = "cpu") -> Calibration:
-    """Calibrate an eval reference on copies of its `reservoir` [(row, image)] and held-out negatives."""
+def calibration_copies(reservoir, rng: np.random.Generator, min_positives: int = MIN_POSITIVES):
+    """(rows, copies): copies of the reservoir's images, several of each when it is small, so that
+    at least `min_positives` positive pairs set the thresholds (16 eval images gave 16 pairs, and
+    one image's size moved the thresholds)."""
     from dedup.augment import copy_of
-    rows = np.array([row for row, _ in reservoir], np.int64)
-    copies = [copy_of(img, rng) for _, img in reservoir]
+    per_image = max(1, -(-min_positives // max(len(reservoir), 1)))
+    rows = np.array([row for row, _ in reservoir for _ in range(per_image)], np.int64)
+    copies = [copy_of(img, rng) for _, img in reservoir for _ in range(per_image)]
+    return rows, copies
+
+
+def calibrate_reference(descriptors, ref, reservoir, precision: float, rng: np.random.Generator,
+                        negatives=(), device: str = "cpu", pool_scores: np.ndarray | None = None) -> Calibration:
+    """Calibrate an eval reference on copies of its `reservoir` [(row, image)], held-out negatives
+    (images of the set's train split) and `pool_scores`: the best score (n, m) against this
+    reference of every image of the shared negative pool (`negative_pool`)."""
+    rows, copies = calibration_copies(reservoir, rng)
     pos, neg, internal = copy_scores(descriptors, ref, copies, rows, device)
+    parts = [neg]
     if len(negatives):
-        neg = np.concatenate([neg, top1_scores(descriptors, ref, list(negatives), device)])
+        parts.append(top1_scores(descriptors, ref, list(negatives), device))
+    if pool_scores is not None and len(pool_scores):
+        parts.append(pool_scores)
+    neg = np.concatenate(parts)
     result = calibrate(pos, neg, precision)
     ref.thresholds = {d.name: t for d, t in zip(descriptors, result.thresholds)}
     ref.calibration = {**result.to_dict(), "precision_target": precision, "held_out_negatives": len(negatives),
+                       "pool_negatives": 0 if pool_scores is None else len(pool_scores),
                        "eval_internal_duplicates": int(internal.sum())}
     return result

@@ -37,11 +37,12 @@ from clip_core.data.webdataset import DamagedShardError, image_field, iter_shard
 from clip_core.errors import InputError
 from clip_core.eval.features import batched
 from clip_core.executors import Executor, LocalExecutor, map_counting_nodes
-from dedup.calibrate import calibrate_reference
+from dedup.calibrate import calibrate_reference, top1_of_codes
 from dedup.checks import CORPUS_FIX, check_dedup_options
 from dedup.descriptors import decode_all, descriptors_on, encode, make_descriptors
 from dedup.index import build_index
 
+POOL_NEGATIVES = 1000  # shared calibration negatives (augment.negative_pool): other real photos, scenes
 MAX_LISTED = 1000  # unreadable samples listed in dedup_stats.json; unreadable.txt has them all
 STATS_NAME = "dedup_stats.json"  # written last: its presence marks a complete result
 OUTPUT_NAMES = ("matches.parquet", "kept_keys.parquet", "unreadable.txt", "contact_sheet.png", "near_misses.png")
@@ -89,6 +90,7 @@ class DedupStats:
     seconds: float = 0.0
     outputs: list[str] = field(default_factory=list)  # the files of OUT this run wrote, the stats last
     nodes: dict[str, int] = field(default_factory=dict)  # node (host name or Ray node id) -> shards checked there
+    pool_negatives: int = 0  # shared calibration negatives (other real photos, scenes) per eval set
 
     @property
     def overlap_pct(self) -> dict[str, float]:
@@ -167,14 +169,26 @@ def held_out_images(root: str, split: str, n: int) -> list:
     return decode_all([s.image_bytes for s in samples], [s.key for s in samples])[0]
 
 
+def encoded_pool(descriptors, n: int, seed: int) -> dict | None:
+    """Codes of the shared calibration negatives (`augment.negative_pool`), encoded once for every set."""
+    from dedup.augment import negative_pool
+    return encode(descriptors, negative_pool(n, seed)) if n > 0 else None
+
+
 def build_references(eval_dirs: Sequence[str], descriptors, *, splits: Sequence[str] = ("test",),
                      precision: float = 0.99, calibration_samples: int = 500, thresholds: dict | None = None,
-                     batch_size: int = 128, device: str = "cpu", seed: int = 0) -> list[EvalReference]:
-    """Encode and calibrate every (eval set, split); a non-test split is named `name/split`."""
+                     batch_size: int = 128, device: str = "cpu", seed: int = 0,
+                     pool_negatives: int = POOL_NEGATIVES) -> list[EvalReference]:
+    """Encode and calibrate every (eval set, split); a non-test split is named `name/split`.
+
+    Calibration negatives: each copy's best other eval image, up to `calibration_samples` images of
+    the set's train split, and `pool_negatives` images of other real photographs and procedural
+    scenes shared by every set (a small eval set alone gave too few to hold a threshold)."""
     opened = open_eval_splits(eval_dirs, splits)  # every set checked before any is encoded
     if thresholds:
         _manual(descriptors, thresholds)
     rng, refs = np.random.default_rng(seed), []
+    pool = None if thresholds else encoded_pool(descriptors, pool_negatives, seed)
     for name, eval_set, split in opened:
         codes, eval_index, unreadable, reservoir = encode_split(descriptors, eval_set.root, split, batch_size,
                                                                 calibration_samples, rng)
@@ -186,7 +200,8 @@ def build_references(eval_dirs: Sequence[str], descriptors, *, splits: Sequence[
             ref.thresholds, ref.calibration = _manual(descriptors, thresholds), {"manual": True}
         else:
             negatives = held_out_images(eval_set.root, split, calibration_samples)
-            calibrate_reference(descriptors, ref, reservoir, precision, rng, negatives, device)
+            pool_scores = top1_of_codes(descriptors, ref, pool, device) if pool is not None else None
+            calibrate_reference(descriptors, ref, reservoir, precision, rng, negatives, device, pool_scores)
         refs.append(ref)
     return refs
 
@@ -324,7 +339,8 @@ def dedup(corpus_uri: str, out_uri: str, eval_dirs: Sequence[str], *, descriptor
           precision: float = 0.99, detector_path: str | None = None, splits: Sequence[str] = ("test",),
           thresholds: dict | None = None, calibration_samples: int = 500, batch_size: int = 128, k: int = 1,
           device: str = "cpu", seed: int = 0, sheet_size: int = 12, storage_options: dict | None = None,
-          executor: Executor | None = None, shard_device: str | None = None) -> DedupStats:
+          executor: Executor | None = None, shard_device: str | None = None,
+          pool_negatives: int = POOL_NEGATIVES) -> DedupStats:
     """Find corpus images that duplicate eval images; write matches, kept keys, stats and a contact sheet.
 
     The shards are mapped by `executor` (default: one after another in this process). `device`
@@ -344,13 +360,15 @@ def dedup(corpus_uri: str, out_uri: str, eval_dirs: Sequence[str], *, descriptor
     open_eval_splits(eval_dirs, splits)
     descriptors = make_descriptors(descriptor, detector_path, device)
     refs = build_references(eval_dirs, descriptors, splits=splits, precision=precision, thresholds=thresholds,
-                            calibration_samples=calibration_samples, batch_size=batch_size, device=device, seed=seed)
+                            calibration_samples=calibration_samples, batch_size=batch_size, device=device, seed=seed,
+                            pool_negatives=pool_negatives)
     per_shard = functools.partial(dedup_shard, refs=refs, descriptors=descriptors, batch_size=batch_size, k=k,
                                   device=shard_device, sheet_size=sheet_size, storage_options=storage_options)
     nodes = Counter()
     results = list(map_counting_nodes(executor or LocalExecutor(1), per_shard, shards, nodes))
     config = {"corpus": str(corpus_uri), "descriptor": descriptor, "descriptors": [d.name for d in descriptors],
-              "precision_target": precision, "splits": list(splits), "k": k, "seed": seed}
+              "precision_target": precision, "splits": list(splits), "k": k, "seed": seed,
+              "pool_negatives": pool_negatives}
     with output:
         counts = write_outputs(output.uri, results, refs, config, sheet_size, storage_options)
         written = [n for n in OUTPUT_NAMES if output.fs.exists(posixpath.join(output.path, n))]
