@@ -34,18 +34,21 @@ import pyarrow.parquet as pq
 from clip_core.data.parquet import write_json, write_parquet
 from clip_core.data.staging import StagedOutput
 from clip_core.data.webdataset import DamagedShardError, image_field, iter_shard, list_shards
-from clip_core.errors import InputError
+from clip_core.errors import InputError, check
 from clip_core.eval.features import batched
 from clip_core.executors import Executor, LocalExecutor, map_counting_nodes
 from dedup.calibrate import calibrate_reference, top1_of_codes
 from dedup.checks import CORPUS_FIX, check_dedup_options
-from dedup.descriptors import decode_all, descriptors_on, encode, make_descriptors
+from dedup.descriptors import PHashDescriptor, decode_all, descriptors_on, encode, make_descriptors
 from dedup.index import build_index
+from dedup.within import BUCKETS, MAX_NEAR_BITS, NEAR_BITS, WithinStats, bucket_links, content_hash, groups, write_shard_codes
 
 POOL_NEGATIVES = 1000  # shared calibration negatives (augment.negative_pool): other real photos, scenes
+_PHASH256 = PHashDescriptor(hash_size=16, name="phash256")  # --within's code when the descriptors lack it
 MAX_LISTED = 1000  # unreadable samples listed in dedup_stats.json; unreadable.txt has them all
 STATS_NAME = "dedup_stats.json"  # written last: its presence marks a complete result
-OUTPUT_NAMES = ("matches.parquet", "kept_keys.parquet", "unreadable.txt", "contact_sheet.png", "near_misses.png")
+OUTPUT_NAMES = ("matches.parquet", "kept_keys.parquet", "unreadable.txt", "contact_sheet.png", "near_misses.png",
+                "within_duplicates.parquet", "within_sheet.png")
 NO_IMAGE = "sample has no image"
 MATCH_SCHEMA = pa.schema([("key", pa.string()), ("eval_set", pa.string()), ("eval_index", pa.int64()),
                           ("similarity", pa.float32()), ("descriptor", pa.string())])
@@ -91,6 +94,7 @@ class DedupStats:
     outputs: list[str] = field(default_factory=list)  # the files of OUT this run wrote, the stats last
     nodes: dict[str, int] = field(default_factory=dict)  # node (host name or Ray node id) -> shards checked there
     pool_negatives: int = 0  # shared calibration negatives (other real photos, scenes) per eval set
+    within: dict = field(default_factory=dict)  # --within: WithinStats (copies inside the corpus); {} without
 
     @property
     def overlap_pct(self) -> dict[str, float]:
@@ -311,7 +315,8 @@ def _match_batch(result: ShardResult, keys, blobs, codes, refs, descriptors, k, 
 
 
 def dedup_shard(shard_uri: str, refs: Sequence[EvalReference], descriptors, *, batch_size: int = 128, k: int = 1,
-                device: str = "cpu", sheet_size: int = 12, storage_options: dict | None = None) -> ShardResult:
+                device: str = "cpu", sheet_size: int = 12, storage_options: dict | None = None,
+                within_uri: str | None = None, buckets: int = BUCKETS) -> ShardResult:
     """Match every image of one corpus shard against the eval references (the per-shard map).
 
     Encoding and search run on `device`: the descriptors' models move there once per call (a
@@ -319,6 +324,7 @@ def dedup_shard(shard_uri: str, refs: Sequence[EvalReference], descriptors, *, b
     descriptors = descriptors_on(descriptors, device)
     fs, path = fsspec.core.url_to_fs(shard_uri, **(storage_options or {}))
     result, damaged = ShardResult(shard_uri), []
+    within = {"keys": [], "hashes": [], "codes": []}
     for batch in batched(iter_shard_images(fs, path, damaged), batch_size):  # a damaged shard ends early
         result.n_images += len(batch)
         result.unreadable += [(key, NO_IMAGE) for key, blob in batch if blob is None]
@@ -327,11 +333,20 @@ def dedup_shard(shard_uri: str, refs: Sequence[EvalReference], descriptors, *, b
         bad = sorted(set(range(len(readable))) - set(ok))
         result.unreadable += [(readable[i][0], e) for i, e in zip(bad, errors)]
         keys, blobs = [readable[i][0] for i in ok], [readable[i][1] for i in ok]
-        matched = _match_batch(result, keys, blobs, encode(descriptors, images), refs, descriptors, k,
-                               device, sheet_size) if keys else set()
-        result.kept += [key for key in keys if key not in matched]
+        codes = encode(descriptors, images) if keys else {}
+        matched = _match_batch(result, keys, blobs, codes, refs, descriptors, k, device, sheet_size) if keys else set()
+        kept = [i for i, key in enumerate(keys) if key not in matched]
+        result.kept += [keys[i] for i in kept]
+        if within_uri is not None and kept:  # what --within compares: the images kept so far
+            ph = codes["phash256"] if "phash256" in codes else _PHASH256.encode([images[i] for i in kept])
+            within["keys"] += [keys[i] for i in kept]
+            within["hashes"] += [content_hash(blobs[i]) for i in kept]
+            within["codes"].append(ph[kept] if "phash256" in codes else ph)
     if damaged:
         result.damaged = damage_record(fs, shard_uri, path, damaged[0], result.n_images)
+    if within_uri is not None:
+        codes = np.concatenate(within["codes"]) if within["codes"] else np.zeros((0, 32), np.uint8)
+        write_shard_codes(within_uri, shard_uri, within["keys"], within["hashes"], codes, buckets, storage_options)
     return result
 
 
@@ -340,7 +355,8 @@ def dedup(corpus_uri: str, out_uri: str, eval_dirs: Sequence[str], *, descriptor
           thresholds: dict | None = None, calibration_samples: int = 500, batch_size: int = 128, k: int = 1,
           device: str = "cpu", seed: int = 0, sheet_size: int = 12, storage_options: dict | None = None,
           executor: Executor | None = None, shard_device: str | None = None,
-          pool_negatives: int = POOL_NEGATIVES) -> DedupStats:
+          pool_negatives: int = POOL_NEGATIVES, within: bool = False, near_bits: int = NEAR_BITS,
+          buckets: int = BUCKETS) -> DedupStats:
     """Find corpus images that duplicate eval images; write matches, kept keys, stats and a contact sheet.
 
     The shards are mapped by `executor` (default: one after another in this process). `device`
@@ -353,6 +369,13 @@ def dedup(corpus_uri: str, out_uri: str, eval_dirs: Sequence[str], *, descriptor
     check_dedup_options(eval_dirs, out_uri, precision=precision, thresholds=thresholds,
                         calibration_samples=calibration_samples, batch_size=batch_size, k=k, device=device,
                         shard_device=shard_device, sheet_size=sheet_size, splits=splits)
+    check(pool_negatives >= 0, "--pool-negatives", f"must be >= 0, got {pool_negatives}",
+          "0 calibrates on the eval set's own negatives only")
+    if within:
+        check(0 <= near_bits <= MAX_NEAR_BITS, "--near-bits", f"must be 0..{MAX_NEAR_BITS}, got {near_bits}",
+              f"pHash bands of 32 bits find every pair at most {MAX_NEAR_BITS} bits apart")
+        check(1 <= buckets <= 4096, "--buckets", f"must be 1..4096, got {buckets}",
+              "about one bucket per 10M corpus images keeps a bucket task's memory small")
     output = StagedOutput(out_uri, "dedup", STATS_NAME, listed_key="outputs", outputs=OUTPUT_NAMES, parts=None,
                           storage_options=storage_options)
     output.check()
@@ -362,21 +385,51 @@ def dedup(corpus_uri: str, out_uri: str, eval_dirs: Sequence[str], *, descriptor
     refs = build_references(eval_dirs, descriptors, splits=splits, precision=precision, thresholds=thresholds,
                             calibration_samples=calibration_samples, batch_size=batch_size, device=device, seed=seed,
                             pool_negatives=pool_negatives)
-    per_shard = functools.partial(dedup_shard, refs=refs, descriptors=descriptors, batch_size=batch_size, k=k,
-                                  device=shard_device, sheet_size=sheet_size, storage_options=storage_options)
-    nodes = Counter()
-    results = list(map_counting_nodes(executor or LocalExecutor(1), per_shard, shards, nodes))
     config = {"corpus": str(corpus_uri), "descriptor": descriptor, "descriptors": [d.name for d in descriptors],
               "precision_target": precision, "splits": list(splits), "k": k, "seed": seed,
               "pool_negatives": pool_negatives}
+    nodes, executor = Counter(), executor or LocalExecutor(1)
     with output:
+        within_uri = posixpath.join(output.uri, "_within") if within else None  # bucket files, swept at commit
+        per_shard = functools.partial(dedup_shard, refs=refs, descriptors=descriptors, batch_size=batch_size, k=k,
+                                      device=shard_device, sheet_size=sheet_size, storage_options=storage_options,
+                                      within_uri=within_uri, buckets=buckets)
+        results = list(map_counting_nodes(executor, per_shard, shards, nodes))
+        removed = None
+        if within:
+            links = functools.partial(bucket_links, within_uri, near_bits=near_bits, storage_options=storage_options)
+            removed = groups([link for part in executor.map(links, range(buckets)) for link in part])
         counts = write_outputs(output.uri, results, refs, config, sheet_size, storage_options)
+        if within:
+            counts |= write_within(output.uri, results, removed, near_bits, buckets, sheet_size, storage_options)
         written = [n for n in OUTPUT_NAMES if output.fs.exists(posixpath.join(output.path, n))]
         stats = DedupStats(**counts, seconds=round(time.time() - t0, 2), outputs=written + [STATS_NAME],
                            nodes=dict(nodes))
         write_json(output.fs, posixpath.join(output.path, STATS_NAME), stats.to_dict())
         output.commit()  # the stats file last: its presence marks a complete result
     return stats
+
+
+def write_within(out_uri: str, results: Sequence[ShardResult], removed: dict, near_bits: int, buckets: int,
+                 sheet_size: int, storage_options: dict | None = None) -> dict:
+    """--within's outputs: kept_keys.parquet without the copies, within_duplicates.parquet, its sheet, stats."""
+    fs, root = fsspec.core.url_to_fs(out_uri, **(storage_options or {}))
+    shard_of = {k: posixpath.basename(r.shard) for r in results for k in r.kept}
+    kept = [k for r in results for k in r.kept if k not in removed]
+    write_parquet(fs, posixpath.join(root, "kept_keys.parquet"),
+                  pa.table({"key": kept, "shard": [shard_of[k] for k in kept]}))
+    rows = sorted(removed.items())
+    write_parquet(fs, posixpath.join(root, "within_duplicates.parquet"),
+                  pa.table({"key": [k for k, _ in rows], "kept_key": [g for _, (g, _) in rows],
+                            "kind": [kind for _, (_, kind) in rows], "shard": [shard_of[k] for k, _ in rows]}))
+    if sheet_size and rows:
+        from dedup.report import write_within_sheet
+        write_within_sheet(out_uri, results, rows[:sheet_size], storage_options)
+    stats = WithinStats(near_bits=near_bits, buckets=buckets, checked=len(shard_of),
+                        groups=len({g for _, (g, _) in rows}),
+                        exact_removed=sum(kind == "exact" for _, (_, kind) in rows),
+                        near_removed=sum(kind == "near" for _, (_, kind) in rows))
+    return {"kept": len(kept), "within": stats.to_dict()}
 
 
 def _per_set(refs, matches: list[dict]) -> dict[str, EvalSetStats]:

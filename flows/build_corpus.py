@@ -63,6 +63,8 @@ class CorpusConfig(BaseModel):
                                                                 "or no limit on the synthetic web")
     descriptor: str = "default"
     precision: float = 0.99
+    dedup_within: bool = Field(False, description="dedup also removes copies inside the corpus (exact bytes, "
+                                                  "near pHash), one of each group kept")
     ray_address: str | None = Field(None, description='Ray cluster for every stage ("auto" or HOST:PORT); '
                                                       "null or empty: local executors")
 
@@ -142,7 +144,7 @@ def dedup_corpus(cfg: CorpusConfig, shards: str, eval_dirs: list[str], out: str,
 
     if not exists(join(out, "dedup_stats.json")):
         dedup(shards, out, eval_dirs, descriptor=cfg.descriptor, precision=cfg.precision, seed=cfg.seed,
-              executor=executor)
+              within=cfg.dedup_within, executor=executor)
     return out
 
 
@@ -195,6 +197,8 @@ def corpus_metrics(uris: dict) -> dict:
         metrics["dedup"] = {"corpus_images": dd.corpus_images, "removed": dd.removed, "kept": dd.kept,
                             "unreadable": dd.unreadable}
         metrics["dedup"] |= {f"overlap_pct.{name}": pct for name, pct in dd.overlap_pct.items()}
+        if dd.within:
+            metrics["dedup"] |= {f"within.{k}": dd.within[k] for k in ("groups", "exact_removed", "near_removed")}
     return metrics
 
 

@@ -143,6 +143,24 @@ def test_dedup_on_two_nodes_gives_the_local_matches(cluster, dedup_inputs, tmp_p
 
 
 @pytest.mark.slow
+def test_dedup_within_on_two_nodes_gives_the_local_groups(cluster, tmp_path, one_thread):
+    from test_dedup_within import within_corpus
+
+    c, ids = cluster
+    case = within_corpus(tmp_path)
+    options = {"descriptor": "phash256", "sheet_size": 0, "within": True, "buckets": 4, "pool_negatives": 200}
+    local = dedup(case["corpus"], str(tmp_path / "local"), [case["eval"]], **options)
+    with RayExecutor(address=c.address) as executor:
+        remote = dedup(case["corpus"], str(tmp_path / "ray"), [case["eval"]], executor=executor, **options)
+    assert _files(tmp_path / "ray", skip={"dedup_stats.json"}) == _files(tmp_path / "local",
+                                                                         skip={"dedup_stats.json"})
+    assert remote.within == local.within and remote.within["exact_removed"] == 2
+    rows = pq.read_table(tmp_path / "ray" / "within_duplicates.parquet").to_pylist()
+    assert {(r["key"], r["kept_key"], r["kind"]) for r in rows} == {(k, v, kind) for k, (v, kind) in case["expected"].items()}
+    _spread(remote.nodes, ids, 3)  # a task per corpus shard (the bucket tasks are not counted)
+
+
+@pytest.mark.slow
 def test_the_command_line_sends_a_stage_to_the_cluster(cluster, inputs, tmp_path, monkeypatch, capsys):
     """--executor ray --ray-address ADDR, and RAY_ADDRESS as its default, reach the cluster's two nodes."""
     c, ids = cluster

@@ -67,6 +67,15 @@ def add_dedup_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-samples", type=int, default=500, help="eval images copied per set")
     parser.add_argument("-k", type=int, default=1, help="neighbours checked per corpus image and eval set")
     parser.add_argument("--sheet-size", type=int, default=12, help="pairs on each contact sheet (0: none)")
+    parser.add_argument("--pool-negatives", type=int, default=None,
+                        help="shared calibration negatives: crops of other real photos and scenes (default 1000)")
+    parser.add_argument("--within", action="store_true",
+                        help="also remove copies inside the corpus (same bytes, or pHash256 within --near-bits), "
+                             "keeping one of each group")
+    parser.add_argument("--near-bits", type=int, default=None,
+                        help="--within: bits of 256 that may differ for a near copy (0-7, default 7)")
+    parser.add_argument("--buckets", type=int, default=None,
+                        help="--within: bucket tasks of the reduce (default 16; about one per 10M images)")
     add_executor_arguments(parser)
     _shared_options(parser, None)
     _train_options(parser.add_argument_group(f"{TRAIN_WORD} (when CORPUS is {TRAIN_WORD})"))
@@ -160,14 +169,21 @@ def run_dedup_command(args: argparse.Namespace) -> int:
                       detector_path=args.detector, splits=tuple(args.splits or ("test",)), thresholds=thresholds,
                       calibration_samples=args.calibration_samples, batch_size=_batch_size(args.batch_size, 128),
                       k=args.k, device=device, shard_device=shard_device, seed=args.seed,
-                      sheet_size=args.sheet_size, executor=executor)
+                      sheet_size=args.sheet_size, executor=executor, within=args.within,
+                      **_given(pool_negatives=args.pool_negatives, near_bits=args.near_bits, buckets=args.buckets))
     _warn_damaged(stats)
     summary = {"corpus_images": stats.corpus_images, "unreadable": stats.unreadable, "dropped": stats.dropped,
                "removed": stats.removed, "kept": stats.kept,
                "eval_sets": {name: {"matches": s.matches, "overlap": s.overlap, "thresholds": s.thresholds}
-                             for name, s in stats.eval_sets.items()}}
+                             for name, s in stats.eval_sets.items()},
+               **({"within": stats.within} if stats.within else {})}
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _given(**options) -> dict:
+    """The options set on the command line (None: the library's default)."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def _place_shards(executor, device: str) -> tuple[str, str]:
