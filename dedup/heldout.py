@@ -12,11 +12,14 @@ handwritten digits and noise. `write_case` writes it, `score` reads dedup's answ
 from __future__ import annotations
 
 import io
-import tarfile
 from pathlib import Path
+
+import fsspec
 
 import numpy as np
 from PIL import Image
+
+from clip_core.data.webdataset import write_shard
 
 EVAL_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "china", "flower", "grace_hopper", "motorcycle_left")
 DISTRACTOR_PHOTOS = ("camera", "coins", "clock", "page")
@@ -93,12 +96,9 @@ def _jpeg(img: Image.Image, quality: int = 90) -> bytes:
 
 
 def _write_tar(path: Path, samples: list) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, fields in samples:
-            for ext, data in fields.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    """[(key, {ext: bytes})] as one WebDataset shard."""
+    fs = fsspec.filesystem("file")
+    write_shard(fs, str(path), ({"__key__": key, **fields} for key, fields in samples))
 
 
 def write_case(base: Path, seed: int = 0, eval_photos=EVAL_PHOTOS, shrink: dict | None = None) -> dict:

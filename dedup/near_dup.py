@@ -373,7 +373,7 @@ def dedup(corpus_uri: str, out_uri: str, eval_dirs: Sequence[str], *, descriptor
           "0 calibrates on the eval set's own negatives only")
     if within:
         check(0 <= near_bits <= MAX_NEAR_BITS, "--near-bits", f"must be 0..{MAX_NEAR_BITS}, got {near_bits}",
-              f"pHash bands of 32 bits find every pair at most {MAX_NEAR_BITS} bits apart")
+              f"pHash bands of 16 bits find every pair at most {MAX_NEAR_BITS} bits apart")
         check(1 <= buckets <= 4096, "--buckets", f"must be 1..4096, got {buckets}",
               "about one bucket per 10M corpus images keeps a bucket task's memory small")
     output = StagedOutput(out_uri, "dedup", STATS_NAME, listed_key="outputs", outputs=OUTPUT_NAMES, parts=None,

@@ -5,9 +5,9 @@ copies of it. `dedup --within` keeps one image of each group, shard by shard in 
 
 1. map (per corpus shard, with the eval matching): each checked image's content hash
    (BLAKE2b, 128 bits) and 256-bit pHash go to part files, split into `buckets` by hash:
-   `exact/bNNN/` by content hash, `near/bNNN/` once per pHash band (8 bands of 32 bits).
-   Two codes at most 7 bits apart agree on at least one band (pigeonhole), so every pair
-   within `near_bits` <= 7 shares a bucket.
+   `exact/bNNN/` by content hash, `near/bNNN/` once per pHash band (16 bands of 16 bits).
+   Two codes at most 15 bits apart agree on at least one band (pigeonhole), so every pair
+   within `near_bits` <= 15 shares a bucket.
 2. reduce (per bucket, on the same executor): group equal hashes; in a band's group, link each
    code to the first code it is within `near_bits` of (leader clustering, no all-pairs matrix).
    A bucket task holds one bucket's rows: 1/buckets of the corpus per band.
@@ -28,8 +28,13 @@ import pyarrow.parquet as pq
 
 from clip_core.data.parquet import write_parquet
 
-BANDS = 8  # 256-bit pHash in 8 bands of 32 bits
-NEAR_BITS = 7  # near copies: at most this many of 256 bits differ (pHash256 similarity >= 0.973)
+BANDS = 16  # 256-bit pHash in 16 bands of 16 bits
+BAND_BYTES = 32 // BANDS
+# Near copies: at most this many of 256 bits differ (pHash256 similarity >= 0.953). Held-out real
+# photos (dedup.heldout): rescale + JPEG 30 copies 0-6 bits from their source, colour shift +
+# resize 0-10; the closest two distinct distractors 20 (noise, faces), distinct photos 98+.
+# Crops (100+) and rotations (42+) move a pHash too far: not found by --within.
+NEAR_BITS = 12
 MAX_NEAR_BITS = BANDS - 1  # beyond it a pair may share no band and would be missed
 BUCKETS = 16
 _SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("band", pa.int8()), ("value", pa.binary()),
@@ -66,7 +71,8 @@ def write_shard_codes(work_uri: str, shard: str, keys: Sequence[str], hashes: Se
     codes = np.ascontiguousarray(codes, np.uint8)
     code_bytes = [c.tobytes() for c in codes]
     rows = {"exact": [(k, -1, h, b"") for k, h in zip(keys, hashes)],
-            "near": [(k, band, c[4 * band:4 * band + 4], c) for band in range(BANDS) for k, c in zip(keys, code_bytes)]}
+            "near": [(k, band, c[BAND_BYTES * band:BAND_BYTES * (band + 1)], c) for band in range(BANDS)
+                     for k, c in zip(keys, code_bytes)]}
     fs, root = fsspec.core.url_to_fs(work_uri, **(storage_options or {}))
     name = posixpath.basename(shard).rsplit(".", 1)[0]
     for kind, items in rows.items():

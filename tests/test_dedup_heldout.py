@@ -75,3 +75,32 @@ def test_a_stricter_precision_target_never_adds_matches(held_out):
     assert strict_score["precision"] >= loose_score["precision"]
     assert strict.eval_sets["photos"].calibration["precision"] >= 0.99
     assert loose.eval_sets["photos"].calibration["precision"] >= 0.95
+
+
+@pytest.mark.slow
+def test_within_finds_rescaled_and_recoloured_real_photos(tmp_path):
+    """--within on held-out real photos: each photo, a rescaled JPEG-30 copy and a recoloured,
+    resized copy, the bytes of one photo twice, among the distractors; nothing else merged."""
+    from dedup.heldout import _jpeg, _write_tar, distractors, held_out_copy, held_out_photo
+    from tests.test_near_dup import _eval_set
+
+    rng = np.random.default_rng(5)
+    photos = [held_out_photo(n) for n in EVAL_PHOTOS]
+    samples = [(f"p{i}", {"jpg": _jpeg(p)}) for i, p in enumerate(photos)]
+    expected = {}
+    for i, p in enumerate(photos):
+        for kind in ("rescale_jpeg30", "color_resize"):
+            samples.append((f"p{i}-{kind}", {"jpg": _jpeg(held_out_copy(p, kind, rng))}))
+            expected[f"p{i}-{kind}"] = (f"p{i}", "near")
+    samples.append(("p3-again", samples[3][1]))
+    expected["p3-again"] = ("p3", "exact")
+    samples += [(f"x{j:03d}", {"jpg": _jpeg(img)}) for j, img in enumerate(distractors(rng))]
+    (tmp_path / "corpus").mkdir()
+    _write_tar(tmp_path / "corpus" / "00000.tar", samples[::2])
+    _write_tar(tmp_path / "corpus" / "00001.tar", samples[1::2])
+    eval_dir = _eval_set(tmp_path / "ev", [procedural_image(rng, 96) for _ in range(4)])
+    stats = dedup(str(tmp_path / "corpus"), str(tmp_path / "out"), [eval_dir], descriptor="phash256", within=True,
+                  sheet_size=4, pool_negatives=100)
+    rows = pq.read_table(tmp_path / "out" / "within_duplicates.parquet").to_pylist()
+    assert {r["key"]: (r["kept_key"], r["kind"]) for r in rows} == expected
+    assert stats.within["exact_removed"] == 1 and stats.within["near_removed"] == 2 * len(photos)

@@ -88,7 +88,7 @@ def test_without_within_nothing_changes(case, tmp_path):
     assert stats.within == {} and stats.kept == 27 and not (tmp_path / "out" / "within_duplicates.parquet").exists()
 
 
-@pytest.mark.parametrize("kw", [{"near_bits": 8}, {"near_bits": -1}, {"buckets": 0}])
+@pytest.mark.parametrize("kw", [{"near_bits": 16}, {"near_bits": -1}, {"buckets": 0}])
 def test_bad_within_options_are_refused(case, tmp_path, kw):
     with pytest.raises(InputError):
         dedup(case["corpus"], str(tmp_path / "out"), [case["eval"]], descriptor="phash256", within=True, **kw)
@@ -111,7 +111,7 @@ def test_the_command_line_runs_within(case, tmp_path, capsys):
     assert summary["within"]["exact_removed"] == 2 and summary["kept"] <= 25
     assert _removed(tmp_path / "out").items() >= {"s1-dupA": ("s0-00", "exact")}.items()
     assert main(["dedup", case["corpus"], str(tmp_path / "bad"), "--eval", case["eval"], "--within",
-                 "--near-bits", "9"]) == 2
+                 "--near-bits", "16"]) == 2
 
 
 @pytest.mark.slow

@@ -73,7 +73,7 @@ def add_dedup_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also remove copies inside the corpus (same bytes, or pHash256 within --near-bits), "
                              "keeping one of each group")
     parser.add_argument("--near-bits", type=int, default=None,
-                        help="--within: bits of 256 that may differ for a near copy (0-7, default 7)")
+                        help="--within: bits of 256 that may differ for a near copy (0-15, default 12)")
     parser.add_argument("--buckets", type=int, default=None,
                         help="--within: bucket tasks of the reduce (default 16; about one per 10M images)")
     add_executor_arguments(parser)
