@@ -41,7 +41,8 @@ from dedup.calibrate import calibrate_reference, top1_of_codes
 from dedup.checks import CORPUS_FIX, check_dedup_options
 from dedup.descriptors import PHashDescriptor, decode_all, descriptors_on, encode, make_descriptors
 from dedup.index import build_index
-from dedup.within import BUCKETS, MAX_NEAR_BITS, NEAR_BITS, WithinStats, bucket_links, content_hash, groups, write_shard_codes
+from dedup.within import (BUCKETS, MAX_NEAR_BITS, NEAR_BITS, bucket_links, content_hash, groups, write_shard_codes,
+                          write_within)
 
 POOL_NEGATIVES = 1000  # shared calibration negatives (augment.negative_pool): other real photos, scenes
 _PHASH256 = PHashDescriptor(hash_size=16, name="phash256")  # --within's code when the descriptors lack it
@@ -408,28 +409,6 @@ def dedup(corpus_uri: str, out_uri: str, eval_dirs: Sequence[str], *, descriptor
         write_json(output.fs, posixpath.join(output.path, STATS_NAME), stats.to_dict())
         output.commit()  # the stats file last: its presence marks a complete result
     return stats
-
-
-def write_within(out_uri: str, results: Sequence[ShardResult], removed: dict, near_bits: int, buckets: int,
-                 sheet_size: int, storage_options: dict | None = None) -> dict:
-    """--within's outputs: kept_keys.parquet without the copies, within_duplicates.parquet, its sheet, stats."""
-    fs, root = fsspec.core.url_to_fs(out_uri, **(storage_options or {}))
-    shard_of = {k: posixpath.basename(r.shard) for r in results for k in r.kept}
-    kept = [k for r in results for k in r.kept if k not in removed]
-    write_parquet(fs, posixpath.join(root, "kept_keys.parquet"),
-                  pa.table({"key": kept, "shard": [shard_of[k] for k in kept]}))
-    rows = sorted(removed.items())
-    write_parquet(fs, posixpath.join(root, "within_duplicates.parquet"),
-                  pa.table({"key": [k for k, _ in rows], "kept_key": [g for _, (g, _) in rows],
-                            "kind": [kind for _, (_, kind) in rows], "shard": [shard_of[k] for k, _ in rows]}))
-    if sheet_size and rows:
-        from dedup.report import write_within_sheet
-        write_within_sheet(out_uri, results, rows[:sheet_size], storage_options)
-    stats = WithinStats(near_bits=near_bits, buckets=buckets, checked=len(shard_of),
-                        groups=len({g for _, (g, _) in rows}),
-                        exact_removed=sum(kind == "exact" for _, (_, kind) in rows),
-                        near_removed=sum(kind == "near" for _, (_, kind) in rows))
-    return {"kept": len(kept), "within": stats.to_dict()}
 
 
 def _per_set(refs, matches: list[dict]) -> dict[str, EvalSetStats]:

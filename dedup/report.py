@@ -154,28 +154,9 @@ def write_contact_sheets(out_uri: str, results, refs, size: int, storage_options
             f.write(png)
 
 
-def _shard_images(out_uri_shards: dict, storage_options: dict | None) -> dict:
-    """{key: image} of the keys wanted per shard URI, read in one pass over each shard."""
-    from dedup.near_dup import iter_shard_images
-
-    images = {}
-    for shard_uri, keys in out_uri_shards.items():
-        fs, path = fsspec.core.url_to_fs(shard_uri, **(storage_options or {}))
-        for key, blob in iter_shard_images(fs, path, []):
-            if key in keys and blob is not None:
-                images[key] = Image.open(io.BytesIO(blob))
-                images[key].load()
-    return images
-
-
-def write_within_sheet(out_uri: str, results, rows, storage_options: dict | None = None) -> None:
-    """within_sheet.png: corpus copies (left) beside the image of theirs that was kept (right)."""
-    shard_uri = {k: r.shard for r in results for k in r.kept}
-    wanted: dict = {}
-    for key, (kept, _) in rows:
-        for k in (key, kept):
-            wanted.setdefault(shard_uri[k], set()).add(k)
-    images = _shard_images(wanted, storage_options)
+def write_within_sheet(out_uri: str, rows, images: dict, storage_options: dict | None = None) -> None:
+    """within_sheet.png: corpus copies (left) beside the image of theirs that was kept (right);
+    rows are (key, (kept key, kind)), images {key: PIL image}."""
     sheet_rows = [(images.get(key), images.get(kept), f"{key} ({kind})\nsame as kept {kept}")
                   for key, (kept, kind) in rows]
     png = contact_sheet(sheet_rows, f"{len(rows)} copies inside the corpus: removed (left) | kept (right)")

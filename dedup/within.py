@@ -17,6 +17,7 @@ copies of it. `dedup --within` keeps one image of each group, shard by shard in 
 from __future__ import annotations
 
 import hashlib
+import io
 import posixpath
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -27,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clip_core.data.parquet import write_parquet
+from clip_core.data.webdataset import image_field, iter_shard
 
 BANDS = 16  # 256-bit pHash in 16 bands of 16 bits
 BAND_BYTES = 32 // BANDS
@@ -171,3 +173,48 @@ def groups(links: Sequence[tuple[str, str, str]]) -> dict[str, tuple[str, str]]:
         if kind == "exact":
             exact.add(a)
     return {k: (find(k), "exact" if k in exact else "near") for k in parent if find(k) != k}
+
+
+def write_within(out_uri: str, results: Sequence, removed: dict, near_bits: int, buckets: int,
+                 sheet_size: int, storage_options: dict | None = None) -> dict:
+    """--within's outputs (results: dedup's ShardResults): kept_keys.parquet without the copies,
+    within_duplicates.parquet, its sheet, and the stats."""
+    fs, root = fsspec.core.url_to_fs(out_uri, **(storage_options or {}))
+    shard_of = {k: posixpath.basename(r.shard) for r in results for k in r.kept}
+    shard_uri = {k: r.shard for r in results for k in r.kept}
+    kept = [k for r in results for k in r.kept if k not in removed]
+    write_parquet(fs, posixpath.join(root, "kept_keys.parquet"),
+                  pa.table({"key": kept, "shard": [shard_of[k] for k in kept]}))
+    rows = sorted(removed.items())
+    write_parquet(fs, posixpath.join(root, "within_duplicates.parquet"),
+                  pa.table({"key": [k for k, _ in rows], "kept_key": [g for _, (g, _) in rows],
+                            "kind": [kind for _, (_, kind) in rows], "shard": [shard_of[k] for k, _ in rows]}))
+    if sheet_size and rows:
+        from dedup.report import write_within_sheet
+        shown = rows[:sheet_size]
+        wanted: dict = {}
+        for key, (kept_key, _) in shown:
+            for k in (key, kept_key):
+                wanted.setdefault(shard_uri[k], set()).add(k)
+        write_within_sheet(out_uri, shown, _shard_images(wanted, storage_options), storage_options)
+    stats = WithinStats(near_bits=near_bits, buckets=buckets, checked=len(shard_of),
+                        groups=len({g for _, (g, _) in rows}),
+                        exact_removed=sum(kind == "exact" for _, (_, kind) in rows),
+                        near_removed=sum(kind == "near" for _, (_, kind) in rows))
+    return {"kept": len(kept), "within": stats.to_dict()}
+
+
+def _shard_images(keys_by_shard: dict, storage_options: dict | None) -> dict:
+    """{key: image} of the keys wanted per shard URI, read in one pass over each of those shards."""
+    from PIL import Image
+
+    images = {}
+    for shard_uri, keys in keys_by_shard.items():
+        fs, path = fsspec.core.url_to_fs(shard_uri, **(storage_options or {}))
+        for sample in iter_shard(fs, path, decode=False, damaged=[]):
+            key, field = sample["__key__"], image_field(sample)
+            if key in keys and field:
+                blob = sample[field]
+                images[key] = Image.open(io.BytesIO(blob))
+                images[key].load()
+    return images

@@ -17,6 +17,7 @@ served on the flow's 127.0.0.1: on a cluster of several machines, give real sour
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 from prefect import flow, get_run_logger, task
@@ -220,10 +221,23 @@ def report_corpus(uris: dict, mlflow_uri: str, cfg: CorpusConfig, parent_run_id:
              "dedup": [join(uris["dedup"] or "", "dedup_stats.json"), pictures[-1]]}
     for stage, numbers in metrics.items():
         named = {f"{stage}/{k}": v for k, v in numbers.items()}
-        log_stage(parent, stage, {"storage": cfg.storage}, named, files[stage])
+        log_stage(parent, stage, {"storage": cfg.storage}, named, files[stage], stage_inputs(uris, stage))
     if not parent_run_id:
         parent.end()
     return metrics
+
+
+def stage_inputs(uris: dict, stage: str) -> list:
+    """The datasets a stage read, for its MLflow run (flows.lineage): crawl the curated pairs,
+    dedup the corpus shards and the eval sets."""
+    from flows.lineage import corpus_dataset, eval_dataset, pairs_dataset
+
+    if stage == "crawl":
+        return [(functools.partial(pairs_dataset, uris["curated"]), "crawl")]
+    if stage == "dedup":
+        return [(functools.partial(corpus_dataset, uris["shards"]), "dedup"),
+                *((functools.partial(eval_dataset, d), "evaluation") for d in uris.get("eval_dirs") or ())]
+    return []
 
 
 def corpus_nodes(uris: dict, built_queries: bool) -> list[dict]:

@@ -8,6 +8,7 @@ metric names cannot hold "@", so `recall@5` is logged as `recall_at_5`, under
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from clip_core.errors import InputError
 from clip_core.eval.run import evaluate as run_evaluation
+from flows.lineage import eval_dataset
 from flows.tracking import Tracker
 
 __all__ = ["evaluate", "evaluate_checkpoint", "log_results_to_mlflow", "mlflow_metrics"]
@@ -41,7 +43,7 @@ def _tags(records: Sequence[dict]) -> dict:
 
 def log_results_to_mlflow(records: Sequence[dict], out_dir: str | Path | None = None, *,
                           tracking_uri: str | None = None, run_id: str | None = None,
-                          experiment: str = "clip-eval") -> str | None:
+                          experiment: str = "clip-eval", eval_dirs: Sequence[str] = ()) -> str | None:
     """Log metrics (+ the result folder as artifacts) into run_id, or a new run; returns the run id.
 
     Through flows.tracking.Tracker: a server that is down, or goes down, is warned about and the
@@ -60,6 +62,7 @@ def log_results_to_mlflow(records: Sequence[dict], out_dir: str | Path | None = 
     else:
         tracker.start(experiment, "evaluate", {}, _tags(records))
     tracker.log_metrics(mlflow_metrics(records), step=0)
+    tracker.log_inputs([(functools.partial(eval_dataset, d), "evaluation") for d in eval_dirs])
     if out_dir is not None and Path(out_dir).is_dir():
         tracker.log_artifacts(str(out_dir), "eval")
     if not run_id:
@@ -76,9 +79,10 @@ def evaluate_checkpoint(checkpoint: str, eval_dirs: list[str], tasks: list[str],
 
 @task(name="log-eval-to-mlflow", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def log_to_mlflow(records: list[dict], out_dir: str, tracking_uri: str | None, run_id: str | None,
-                  experiment: str) -> str | None:
+                  experiment: str, eval_dirs: Sequence[str] = ()) -> str | None:
     """Records in, MLflow run id out."""
-    return log_results_to_mlflow(records, out_dir, tracking_uri=tracking_uri, run_id=run_id, experiment=experiment)
+    return log_results_to_mlflow(records, out_dir, tracking_uri=tracking_uri, run_id=run_id, experiment=experiment,
+                                 eval_dirs=eval_dirs)
 
 
 @flow(name="evaluate")
@@ -93,5 +97,5 @@ def evaluate(checkpoint: str, eval_dirs: list[str], tasks: list[str] | None = No
     eval_dirs = [str(d) for d in eval_dirs]
     records = evaluate_checkpoint(str(checkpoint), eval_dirs, list(tasks or ["zeroshot"]), str(out_dir), options)
     if mlflow_uri or mlflow_run_id:
-        log_to_mlflow(records, str(out_dir), mlflow_uri, mlflow_run_id, mlflow_experiment)
+        log_to_mlflow(records, str(out_dir), mlflow_uri, mlflow_run_id, mlflow_experiment, eval_dirs)
     return records

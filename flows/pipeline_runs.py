@@ -38,11 +38,14 @@ def start_child(parent: Tracker, stage: str, params: dict) -> Tracker:
     return child
 
 
-def log_stage(parent: Tracker | None, stage: str, params: dict, metrics: dict, files: list[str] = ()) -> None:
-    """A finished child run for one stage, with its params, metrics and small output files."""
+def log_stage(parent: Tracker | None, stage: str, params: dict, metrics: dict, files: list[str] = (),
+              inputs: list = ()) -> None:
+    """A finished child run for one stage, with its params, metrics, small output files and the
+    datasets it read (`Tracker.log_inputs`' (dataset factory, context) pairs)."""
     if parent is None or parent.run_id is None:
         return
     child = start_child(parent, stage, params)
+    child.log_inputs(list(inputs))
     numbers = {k: v for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     child.log_metrics(numbers, step=0)
     parent.log_metrics(numbers, step=0)

@@ -36,6 +36,10 @@ from clip_core.weights import is_uri
 
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "V100": 125.0, "A10": 125.0}
 
+# MLflow 3's UI opens an experiment by its kind; without the tag it guessed GenAI and showed traces.
+KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = {KIND_TAG: "custom_model_development"}  # model training: the runs table first
+
 
 def default_tracking_uri(output: str) -> str:
     """MLFLOW_TRACKING_URI, else a SQLite file in the output folder (./mlflow.db, with a warning, for a remote one)."""
@@ -145,8 +149,13 @@ class Tracker:
 
     def _start(self, experiment: str, run_name: str, tags: dict):
         found = self.client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else self.client.create_experiment(
-            experiment, artifact_location=local_artifact_location(self.uri, self.output))
+        if found is None:
+            experiment_id = self.client.create_experiment(
+                experiment, artifact_location=local_artifact_location(self.uri, self.output), tags=EXPERIMENT_KIND)
+        else:
+            experiment_id = found.experiment_id
+            if KIND_TAG not in found.tags:  # made before this tag, or by hand: say what it holds
+                self.client.set_experiment_tag(experiment_id, KIND_TAG, EXPERIMENT_KIND[KIND_TAG])
         return self.client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()})
 
     def log_params(self, params: dict) -> None:
@@ -170,6 +179,19 @@ class Tracker:
         if self.live:
             rows = [RunTag(k, str(v)) for k, v in tags.items()]
             self._call("set tags", self.client.log_batch, self.run_id, tags=rows)
+
+    def log_inputs(self, datasets: list[tuple[Callable, str]]) -> None:
+        """Log datasets as this run's inputs: (a function making the flows.lineage dataset, its
+        context: training, evaluation, ...). Made here, so a listing that fails only warns."""
+        if self.live and datasets:
+            self._call("log dataset inputs", self._log_inputs, datasets)
+
+    def _log_inputs(self, datasets: list[tuple[Callable, str]]) -> None:
+        from mlflow.entities import DatasetInput, InputTag
+
+        inputs = [DatasetInput(make()._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])
+                  for make, context in datasets]
+        self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_artifacts(self, folder: str, artifact_path: str) -> None:
         if self.live:
@@ -232,6 +254,12 @@ def git_commit(cwd: str | None = None) -> str:
 def corpus_tags(corpus: str, n_shards: int) -> dict:
     """Tags naming the corpus and its crawl_stats.json scalars, if the file is there."""
     tags = {"corpus": corpus, "corpus.shards": n_shards}
+    try:
+        from flows.lineage import files_digest
+
+        tags["corpus.digest"] = files_digest(corpus)[0][:12]  # the digest of its MLflow dataset input
+    except OSError:
+        pass
     try:
         stats = CrawlStats.read(corpus).to_dict()  # TypeError: a stats file of another version
         tags.update({f"corpus.{k}": v for k, v in flatten(stats).items() if isinstance(v, (int, float, str))})

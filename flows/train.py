@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -56,6 +57,8 @@ from clip_core.train.optim import unwrap
 from clip_core.train.precision import precision_note
 from clip_core.weights import export_model, is_uri, latest_checkpoint
 from flows.common import check_ray_address, loopback_ray
+from flows.lineage import corpus_dataset, eval_dataset
+from flows.serving import PYFUNC_ARTIFACT, save_pyfunc
 from flows.train_backend import LoopbackTorchConfig, local_cluster
 from flows.train_progress import ProgressBoard, ProgressCallback, watch_progress
 from flows.train_storage import (_as_uri, _check_writable, _checkpoint_at, _exists, _local, join,
@@ -329,7 +332,10 @@ def _open_run(cfg: TrainConfig, run: RunSettings, urls: list[str]) -> tuple[Trac
         tags |= {"continues_runs": ",".join(ended)} if ended else {}
     # the model trained: the preset with --image-size / --context-length applied
     params = {**cfg.to_dict(), **run.to_dict(), "preset_config": model_config(cfg).to_dict()}
-    return tracker, tracker.start(run.experiment, run.name, params, tags)
+    run_id = tracker.start(run.experiment, run.name, params, tags)
+    tracker.log_inputs([(functools.partial(corpus_dataset, cfg.corpus), "training"),
+                        *((functools.partial(eval_dataset, d), "evaluation") for d in cfg.eval)])
+    return tracker, run_id
 
 
 @contextlib.contextmanager
@@ -365,7 +371,9 @@ def _export(result, run: RunSettings, tracker: Tracker, preset: str) -> Path | s
         # MLflow logs a local folder: for a remote OUT, the same two files staged here
         logged = export_model(folder, Path(tmp) / "model") if is_uri(model_dir) else model_dir
         tracker.log_artifacts(str(logged), "model")
-    tracker.register(f"clip-{preset}", "model")
+        # the registered version: a pyfunc that embeds texts and images (flows/serving.py)
+        tracker.log_artifacts(str(save_pyfunc(logged, Path(tmp) / PYFUNC_ARTIFACT)), PYFUNC_ARTIFACT)
+    tracker.register(f"clip-{preset}", PYFUNC_ARTIFACT)
     return model_dir
 
 

@@ -104,3 +104,16 @@ def test_within_finds_rescaled_and_recoloured_real_photos(tmp_path):
     rows = pq.read_table(tmp_path / "out" / "within_duplicates.parquet").to_pylist()
     assert {r["key"]: (r["kept_key"], r["kind"]) for r in rows} == expected
     assert stats.within["exact_removed"] == 1 and stats.within["near_removed"] == 2 * len(photos)
+
+
+@pytest.mark.slow
+def test_thresholds_hold_when_one_eval_photo_changes_size(held_out, tmp_path):
+    """The issue's probe: one eval photo stored smaller moved the thresholds and the output."""
+    case, runs = held_out
+    shrunk = write_case(tmp_path, seed=0, shrink={0: 0.72})
+    stats = dedup(shrunk["corpus"], str(tmp_path / "out"), [shrunk["eval"]], sheet_size=0)
+    before = runs[0.99][0].eval_sets["photos"].thresholds
+    after = stats.eval_sets["photos"].thresholds
+    assert after.keys() == before.keys()
+    assert all(abs(after[d] - before[d]) <= 0.02 for d in before), (before, after)
+    assert set(pq.read_table(tmp_path / "out" / "matches.parquet")["key"].to_pylist()) == runs[0.99][2]

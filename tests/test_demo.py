@@ -71,6 +71,9 @@ def test_mlflow_rest_api_shows_parent_and_stage_runs(demo):
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+    kinds = {e["name"]: {t["key"]: t["value"] for t in e.get("tags", [])}.get("mlflow.experimentKind")
+             for e in experiments if e["name"] != "Default"}  # MLflow's own empty experiment
+    assert kinds and set(kinds.values()) == {"custom_model_development"}, kinds  # the UI opens on the runs
     tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
     parents = [r for r, t in zip(runs, tags) if t.get("kind") == "pipeline"]
     children = {t.get("stage") for t in tags if "mlflow.parentRunId" in t}
@@ -78,6 +81,17 @@ def test_mlflow_rest_api_shows_parent_and_stage_runs(demo):
     metric_names = {m["key"] for r in runs for m in r["data"].get("metrics", [])}
     assert {"crawl/success_rate", "curate/kept", "dedup/removed"} <= metric_names
     assert any(name.startswith("loss") or name == "train/loss" for name in metric_names)
+    # lineage (issue 20 item 2): which data made the model, from the runs alone
+    inputs = {t.get("stage"): [(i["dataset"]["name"], i["dataset"]["digest"], json.loads(i["dataset"]["profile"]),
+                                {x["key"]: x["value"] for x in i.get("tags", [])}["mlflow.data.context"])
+                               for i in r.get("inputs", {}).get("dataset_inputs", [])]
+              for r, t in zip(runs, tags) if t.get("stage")}
+    train_tags = next(t for t in tags if t.get("stage") == "train")
+    (corpus,) = [i for i in inputs["train"] if i[0] == "corpus"]
+    assert corpus[1] == train_tags["corpus.digest"] and corpus[3] == "training" and corpus[2]["num_rows"] > 1000
+    assert {n for n, *_ in inputs["evaluate"]} >= {"eval/shapes", "eval/colors", "eval/retrieval"}
+    assert {n for n, *_ in inputs["dedup"]} >= {"corpus", "eval/shapes"} and inputs["crawl"][0][0] == "curated-pairs"
+    assert next(i for i in inputs["dedup"] if i[0] == "corpus")[1] == corpus[1]  # the corpus dedup read trained it
 
 
 def _demo_defaults() -> dict:

@@ -109,7 +109,7 @@ def test_stats_read_back_equal_what_dedup_returned(planted, tmp_path):
     assert list(json.loads(text)) == [
         "corpus", "descriptor", "descriptors", "precision_target", "splits", "k", "seed", "corpus_shards",
         "corpus_images", "unreadable", "dropped", "damaged_shards", "unreadable_samples", "removed", "kept",
-        "eval_sets", "seconds", "outputs", "nodes", "pool_negatives"]
+        "eval_sets", "seconds", "outputs", "nodes", "pool_negatives", "within"]
     assert stats.nodes == {socket.gethostname(): stats.corpus_shards}  # every shard checked on this host
     toy = stats.eval_sets["toyset"]
     assert list(json.loads(text)["eval_sets"]["toyset"]) == [

@@ -7,6 +7,7 @@ import tarfile
 import tempfile
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -128,7 +129,25 @@ def test_two_workers_train_checkpoint_and_track(tmp_path, corpus, eval_sets, ray
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 14
     assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {"model/model.safetensors",
                                                                                 "model/config.json"}
-    assert [v.run_id for v in client.search_model_versions("name = 'clip-tiny'")] == [run.info.run_id]
+    (version,) = client.search_model_versions("name = 'clip-tiny'")
+    assert version.run_id == run.info.run_id  # the registered model links back to its run
+    # which data made it: the corpus as a dataset input whose digest the run's tag names (issue 20)
+    (corpus_input,) = [i for i in run.inputs.dataset_inputs if i.dataset.name == "corpus"]
+    assert corpus_input.dataset.digest == run.data.tags["corpus.digest"]
+    assert {t.key: t.value for t in corpus_input.tags} == {"mlflow.data.context": "training"}
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"corpus", "eval/colours"}
+    # the registered version is a pyfunc: texts in, unit-norm embeddings out
+    import mlflow
+    import pandas as pd
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(summary.tracking_uri)
+    try:
+        embedder = mlflow.pyfunc.load_model(f"models:/clip-tiny/{version.version}")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    vectors = embedder.predict(pd.DataFrame({"text": ["a red circle", "two blue squares"]}))
+    assert vectors.shape == (2, final.config.embed_dim) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
 
 
 @pytest.mark.slow
