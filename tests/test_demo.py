@@ -88,7 +88,8 @@ def test_mlflow_rest_api_shows_parent_and_stage_runs(demo):
               for r, t in zip(runs, tags) if t.get("stage")}
     train_tags = next(t for t in tags if t.get("stage") == "train")
     (corpus,) = [i for i in inputs["train"] if i[0] == "corpus"]
-    assert corpus[1] == train_tags["corpus.digest"] and corpus[3] == "training" and corpus[2]["num_rows"] > 1000
+    saved = json.loads((run / "shards" / "crawl_stats.json").read_text())["success"]
+    assert corpus[1] == train_tags["corpus.digest"] and corpus[3] == "training" and corpus[2]["num_rows"] == saved
     assert {n for n, *_ in inputs["evaluate"]} >= {"eval/shapes", "eval/colors", "eval/retrieval"}
     assert {n for n, *_ in inputs["dedup"]} >= {"corpus", "eval/shapes"} and inputs["crawl"][0][0] == "curated-pairs"
     assert next(i for i in inputs["dedup"] if i[0] == "corpus")[1] == corpus[1]  # the corpus dedup read trained it
