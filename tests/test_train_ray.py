@@ -137,15 +137,12 @@ def test_two_workers_train_checkpoint_and_track(tmp_path, corpus, eval_sets, ray
     assert {t.key: t.value for t in corpus_input.tags} == {"mlflow.data.context": "training"}
     assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"corpus", "eval/colours"}
     # the registered version is a pyfunc: texts in, unit-norm embeddings out
-    import mlflow
+    import mlflow.pyfunc
     import pandas as pd
 
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(summary.tracking_uri)
-    try:
-        embedder = mlflow.pyfunc.load_model(f"models:/clip-tiny/{version.version}")
-    finally:
-        mlflow.set_tracking_uri(previous)
+    # the version's own artifact URI: mlflow.set_tracking_uri would also set MLFLOW_TRACKING_URI for
+    # every later test and child process of this worker
+    embedder = mlflow.pyfunc.load_model(client.get_model_version_download_uri("clip-tiny", version.version))
     vectors = embedder.predict(pd.DataFrame({"text": ["a red circle", "two blue squares"]}))
     assert vectors.shape == (2, final.config.embed_dim) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
 
