@@ -56,3 +56,19 @@ def ray_cluster():
         finally:
             cluster.shutdown()
             shutil.rmtree(temp, ignore_errors=True)
+
+
+def wait_until_answering(url: str, server, seconds: float = 120.0) -> None:
+    """Poll url (a health route) until it answers; fail with the reason if the server exits or time runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError as e:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{url} never answered (server exit code {server.poll()}): {e}") from e
+            time.sleep(1)

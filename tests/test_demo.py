@@ -3,11 +3,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import wait_until_answering
 
 from flows.common import free_port
 
@@ -59,12 +59,7 @@ def test_mlflow_rest_api_shows_parent_and_stage_runs(demo):
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
+        wait_until_answering(f"http://127.0.0.1:{port}/health", server)
         experiments = _get(f"{base}/experiments/search", {"max_results": 100})["experiments"]
         ids = [e["experiment_id"] for e in experiments]
         runs = _get(f"{base}/runs/search", {"experiment_ids": ids, "max_results": 1000})["runs"]

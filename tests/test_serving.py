@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import wait_until_answering
 import torch
 from PIL import Image
 
@@ -69,12 +69,7 @@ def test_mlflow_models_serve_answers_with_embeddings(exported):
                                "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
+        wait_until_answering(f"http://127.0.0.1:{port}/ping", server)
         body = {"dataframe_split": {"columns": ["image"],
                                     "data": [[base64.b64encode(b).decode()] for b in exported["blobs"]]}}
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
