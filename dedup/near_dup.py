@@ -339,10 +339,10 @@ def dedup_shard(shard_uri: str, refs: Sequence[EvalReference], descriptors, *, b
         kept = [i for i, key in enumerate(keys) if key not in matched]
         result.kept += [keys[i] for i in kept]
         if within_uri is not None and kept:  # what --within compares: the images kept so far
-            ph = codes["phash256"] if "phash256" in codes else _PHASH256.encode([images[i] for i in kept])
             within["keys"] += [keys[i] for i in kept]
             within["hashes"] += [content_hash(blobs[i]) for i in kept]
-            within["codes"].append(ph[kept] if "phash256" in codes else ph)
+            within["codes"].append(codes["phash256"][kept] if "phash256" in codes
+                                   else _PHASH256.encode([images[i] for i in kept]))
     if damaged:
         result.damaged = damage_record(fs, shard_uri, path, damaged[0], result.n_images)
     if within_uri is not None:
@@ -396,12 +396,10 @@ def dedup(corpus_uri: str, out_uri: str, eval_dirs: Sequence[str], *, descriptor
                                       device=shard_device, sheet_size=sheet_size, storage_options=storage_options,
                                       within_uri=within_uri, buckets=buckets)
         results = list(map_counting_nodes(executor, per_shard, shards, nodes))
-        removed = None
+        counts = write_outputs(output.uri, results, refs, config, sheet_size, storage_options)
         if within:
             links = functools.partial(bucket_links, within_uri, near_bits=near_bits, storage_options=storage_options)
             removed = groups([link for part in executor.map(links, range(buckets)) for link in part])
-        counts = write_outputs(output.uri, results, refs, config, sheet_size, storage_options)
-        if within:
             counts |= write_within(output.uri, results, removed, near_bits, buckets, sheet_size, storage_options)
         written = [n for n in OUTPUT_NAMES if output.fs.exists(posixpath.join(output.path, n))]
         stats = DedupStats(**counts, seconds=round(time.time() - t0, 2), outputs=written + [STATS_NAME],
