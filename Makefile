@@ -10,7 +10,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export RAY_AUTH_MODE := disabled
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup setup-gpu wordnet test test-fast demo train-cluster prefect-up prefect-down mlflow-ui bench clean
+.PHONY: setup setup-gpu wordnet browser test test-fast demo compare train-cluster prefect-up prefect-down mlflow-ui bench clean
 
 setup: $(STAMP) wordnet
 
@@ -21,6 +21,13 @@ wordnet:
 	@test -f $(WORDNET_DIR)/data.noun || { command -v apt-get >/dev/null && \
 	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wordnet-base) >/dev/null; } || \
 	  { echo "make setup: could not install WordNet (Debian's wordnet-base) into $(WORDNET_DIR)"; exit 1; }
+
+# Debian's chromium, for the test that drives the MLflow UI in a real browser (CI runs it; without
+# a browser that one test skips, saying why).
+browser:
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && \
+	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium) >/dev/null; } || \
+	  { echo "make browser: could not install Debian's chromium"; exit 1; }
 
 # torch first, so nothing pulls a CUDA build; dataclasses (an old backport that
 # img2dataset pulls) shadows the standard library inside Prefect's server: remove it.
@@ -59,6 +66,11 @@ DEMO_DIR ?= runs/demo
 demo: setup
 	$(VENV)/bin/clip-pipeline demo --storage $(DEMO_DIR)
 
+# Training variants on the demo's corpus (built first if missing), side by side in MLflow's compare view.
+COMPARE_VARY ?= batch_size=64,256
+compare: setup
+	$(VENV)/bin/clip-pipeline compare --storage $(DEMO_DIR) --vary $(COMPARE_VARY)
+
 # The same training as a Ray Job on RAY_ADDRESS, or on a local head when it is unset.
 train-cluster: setup
 	PY=$(PY) bash scripts/train_cluster.sh
@@ -74,6 +86,7 @@ prefect-down:
 # The MLflow UI over the demo's SQLite store (or MLFLOW_TRACKING_URI), on 127.0.0.1.
 MLFLOW_PORT ?= 5000
 mlflow-ui: setup
+	@echo "MLflow UI: open http://127.0.0.1:$(MLFLOW_PORT)/#/experiments/1/runs?workflowType=machine_learning (the demo's runs)"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \
 		--backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(abspath $(DEMO_DIR))/mlflow.db}
 

@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from flows.common import (check_ray_address, exists, free_port, join, markdown_artifact, retry_unless_bad_input,
                           table_artifact)
+from flows.data_card import CARD_NAME, write_data_card
 from flows.pipeline_runs import log_stage, start_parent, tracking_uri
 from flows.tracking import Tracker
 
@@ -204,20 +205,20 @@ def corpus_metrics(uris: dict) -> dict:
 
 
 def report_corpus(uris: dict, mlflow_uri: str, cfg: CorpusConfig, parent_run_id: str | None = None) -> dict:
-    """Prefect artifacts (counts, plot, contact sheet) and an MLflow parent run with a child per stage."""
+    """The data card, Prefect artifacts (counts, the card) and an MLflow parent run with a child per stage."""
     metrics = corpus_metrics(uris)
     for stage, numbers in metrics.items():
         table_artifact(f"{stage}-counts", [{"metric": k, "value": v} for k, v in numbers.items()],
                        f"{stage} counts for {cfg.storage}")
-    pictures = [join(uris["curated"], "curation_counts.png")]
-    if uris["dedup"]:
-        pictures.append(join(uris["dedup"], "contact_sheet.png"))
-    markdown_artifact("corpus-pictures", "\n".join(f"![{p}]({p})" for p in pictures if exists(p)),
-                      "the curation head/tail plot and the dedup contact sheet")
+    card = write_data_card(uris["shards"], uris["curated"], uris["dedup"], seed=cfg.seed)
+    markdown_artifact("data-card", card.markdown, f"the data card of {uris['shards']}: {CARD_NAME} there "
+                      "and in the MLflow run's artifacts")
+    pictures = [join(uris["curated"], "curation_counts.png"), join(uris["dedup"] or "", "contact_sheet.png")]
     parent = Tracker(mlflow_uri, run_id=parent_run_id) if parent_run_id else start_parent(
         mlflow_uri, "build-corpus", cfg.model_dump())
+    parent.log_text(card.html, CARD_NAME)
     files = {"curate": [join(uris["curated"], "curation_stats.json"), pictures[0]],
-             "crawl": [join(uris["shards"], "crawl_stats.json")],
+             "crawl": [join(uris["shards"], "crawl_stats.json"), card.uri],
              "dedup": [join(uris["dedup"] or "", "dedup_stats.json"), pictures[-1]]}
     for stage, numbers in metrics.items():
         named = {f"{stage}/{k}": v for k, v in numbers.items()}

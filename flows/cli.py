@@ -112,7 +112,11 @@ STAGES = [  # (command, module, add-arguments function, handler or None when the
      "zero-shot, retrieval and linear-probe evaluation of a checkpoint"),
     ("overlap", "flows.commands.evaluate", "add_overlap_arguments", "run_overlap_command",
      "CLIP Sec. 5 overlap analysis: zero-shot accuracy on All / Clean / Overlap"),
+    ("data-card", "flows.commands.report", "add_data_card_arguments", None,
+     "write a corpus' data_card.html: counts, queries, captions, hosts, failures, dedup, samples"),
     ("demo", "flows.demo", "add_demo_arguments", None, "the whole DAG on the embedded default, then a summary"),
+    ("compare", "flows.compare", "add_compare_arguments", None,
+     "training variants on the demo's corpus (default batch_size=64,256), side by side in MLflow"),
 ]
 
 

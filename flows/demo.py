@@ -89,8 +89,19 @@ def summary_text(result: dict, storage: str, seconds: float) -> str:
 
         with fsspec.open(overlap_md, "r") as f:
             lines += ["overlap analysis (CLIP Sec. 5):", f.read().rstrip()]
-    lines.append("compare runs in the MLflow UI: make mlflow-ui  (then open http://127.0.0.1:5000)")
+    lines.append(f"data card: {join(corpus['shards'], 'data_card.html')}")
+    lines.append(f"runs in the MLflow UI: make mlflow-ui, then open {runs_url(train)}")
     return "\n".join(lines)
+
+
+def runs_url(train, ui: str = "http://127.0.0.1:5000") -> str:
+    """The experiment's runs table in MLflow's "Model training" view (its UI opens on GenAI otherwise)."""
+    experiment = "1"  # a fresh store's first experiment
+    if train.mlflow_run_id and train.tracking_uri:
+        import mlflow
+
+        experiment = mlflow.MlflowClient(train.tracking_uri).get_run(train.mlflow_run_id).info.experiment_id
+    return f"{ui}/#/experiments/{experiment}/runs?workflowType=machine_learning"
 
 
 def run_demo_command(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ under one MLflow parent run per pipeline run with a child run per stage.
 """
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 from prefect import flow, get_run_logger
@@ -12,6 +13,7 @@ from prefect import flow, get_run_logger
 from flows.build_corpus import CorpusConfig, build_corpus, web_eval_dirs
 from flows.common import check_ray_address, join
 from flows.evaluate import evaluate
+from flows.lineage import corpus_dataset
 from flows.pipeline_runs import EXPERIMENT, log_stage, start_child, start_parent, tracking_uri
 
 if TYPE_CHECKING:  # flows.train loads Ray: only when the train flow runs
@@ -27,7 +29,7 @@ def train_model(corpus: str, output: str, preset: str = "tiny", steps: int = 300
                 exclude: str | None = None, eval_dirs: list[str] | None = None, mlflow_uri: str | None = None,
                 checkpoint_every: int = 50, max_failures: int = 2, seed: int = 0,
                 mlflow_parent_run_id: str | None = None,
-                experiment: str = "clip", ray_address: str | None = None) -> TrainSummary:
+                experiment: str = "clip", ray_address: str | None = None, run_name: str = "clip-train") -> TrainSummary:
     """Ray Train contrastive training of `preset` on the corpus shards; returns the summary.
 
     An `exclude` file is passed on as given: one that does not exist is refused before training
@@ -43,7 +45,7 @@ def train_model(corpus: str, output: str, preset: str = "tiny", steps: int = 300
     run = RunSettings(output=output, workers=workers, cpus_per_worker=cpus_per_worker,
                       gpus_per_worker=gpus_per_worker, checkpoint_every=checkpoint_every, max_failures=max_failures,
                       mlflow_uri=mlflow_uri, experiment=experiment, mlflow_parent_run_id=mlflow_parent_run_id,
-                      ray_address=ray_address or None)
+                      ray_address=ray_address or None, name=run_name)
     return train(config, run)
 
 
@@ -79,6 +81,7 @@ def clip_pipeline(storage: str = "runs/demo", web_pairs: int = 8_000, max_per_qu
     cfg = CorpusConfig(storage=storage, web_pairs=web_pairs, max_per_query=max_per_query, seed=seed,
                        ray_address=ray_address)
     corpus = build_corpus(cfg, mlflow_uri=uri, parent_run_id=parent.run_id)
+    parent.log_inputs([(functools.partial(corpus_dataset, corpus["shards"]), "training")])  # the runs table's Dataset
     evals = corpus["eval_dirs"] or web_eval_dirs(corpus["web"])
     matches = join(corpus["dedup"], "matches.parquet") if corpus["dedup"] else None
     output = join(storage, "train")

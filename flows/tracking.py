@@ -201,6 +201,11 @@ class Tracker:
         if self.live:
             self._call("log artifact", self.client.log_artifact, self.run_id, file, artifact_path)
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """A text artifact (an HTML page, ...) written from memory: the file may live on S3."""
+        if self.live:
+            self._call("log text", self.client.log_text, self.run_id, text, artifact_file)
+
     def register(self, name: str, artifact_path: str):
         """A new version of registered model `name` from this run's artifact."""
         if not self.run_id:

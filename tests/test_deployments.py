@@ -1,8 +1,10 @@
 """`make prefect-up`, `prefect deployment run build-corpus/default`, `make prefect-down`, for real."""
 import json
 import os
+import re
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,14 @@ from flows.common import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+def _artifacts(port: int, key: str) -> list[dict]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/artifacts/filter", method="POST",
+                                     data=json.dumps({"artifacts": {"key": {"any_": [key]}}}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
 
 
 @pytest.mark.slow
@@ -30,8 +40,12 @@ def test_build_corpus_deployment_runs_to_completed(tmp_path):
                               "--watch", "--watch-timeout", "500"],
                              cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=560)
         assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
-        for marker in ("curated/curation_stats.json", "shards/crawl_stats.json", "dedup/dedup_stats.json"):
+        for marker in ("curated/curation_stats.json", "shards/crawl_stats.json", "dedup/dedup_stats.json",
+                       "shards/data_card.html"):
             assert (tmp_path / "demo" / marker).is_file(), marker
+        card = _artifacts(port, "data-card")  # the data card as a Prefect artifact: its pictures inside it
+        images = re.findall(r"!\[[^\]]*\]\(([^)]*)\)", card[0]["data"])
+        assert len(card) == 1 and images and all(i.startswith("data:image/") for i in images)
     finally:
         down = subprocess.run(["bash", "scripts/prefect_down.sh"], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=120)

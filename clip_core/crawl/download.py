@@ -101,6 +101,7 @@ class CrawlStats:
     nodes: dict[str, int] = field(default_factory=dict)  # node -> shards it crawled in this run
     politeness: dict[str, int] = field(default_factory=dict)  # this run's guards: robots, http_429, deadline, ...
     user_agent: str = ""
+    pairs: str = ""  # the pairs crawled (the curated folder's URI): the data card finds curation from it
 
     def to_dict(self) -> dict:
         """A JSON-ready dict: crawl_stats.json's content."""
@@ -376,7 +377,7 @@ def crawl(
     folder = CrawlFolder(fs, out, manifest)
     stats = CrawlStats(input_rows=prepared.input_rows, skipped=dict(prepared.skipped),
                        refused=dict(prepared.refused_counts), queued=prepared.safe.num_rows,
-                       user_agent=politeness.user_agent)
+                       user_agent=politeness.user_agent, pairs=pairs_uri)
     options = dict(
         output_folder=_uri(fs, out), image_size=image_size, processes_count=processes,
         thread_count=threads, resize_mode=resize_mode, encode_quality=encode_quality,

@@ -21,6 +21,7 @@ from clip_core.curation.queries import build_queries, check_queries_options
 from clip_core.errors import BAD_INPUT_ERRORS, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, check
 from clip_core.executors import LocalExecutor
 from clip_core.extract.wat import DEFAULT_SHARD_ROWS, STATS_NAME, extract
+from flows.commands.report import refresh_data_card
 from flows.common import check_ray_address
 
 
@@ -214,4 +215,7 @@ def run_crawl_command(args: argparse.Namespace) -> int:
         print(f"clip-pipeline crawl: error: {err}", file=sys.stderr)
         return EXIT_FAILED
     print(stats.summary())
-    return EXIT_FAILED if stats.incomplete_shards else EXIT_OK
+    if stats.incomplete_shards:
+        return EXIT_FAILED
+    refresh_data_card("crawl", args.out)
+    return EXIT_OK

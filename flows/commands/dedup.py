@@ -16,7 +16,10 @@ import sys
 
 from clip_core.checks import check_device
 from clip_core.errors import InputError, check
+from clip_core.crawl.download import STATS_NAME as CRAWL_STATS
 from flows.commands.corpus import add_executor_arguments, stage_executor
+from flows.commands.report import refresh_data_card
+from flows.common import exists, join
 
 TRAIN_WORD = "train-detector"
 
@@ -178,6 +181,8 @@ def run_dedup_command(args: argparse.Namespace) -> int:
                              for name, s in stats.eval_sets.items()},
                **({"within": stats.within} if stats.within else {})}
     print(json.dumps(summary, indent=2))
+    if exists(join(args.corpus, CRAWL_STATS)):  # a crawled corpus (not a folder of shards made otherwise)
+        refresh_data_card("dedup", args.corpus, dedup=args.out)
     return 0
 
 
