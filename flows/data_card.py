@@ -61,7 +61,8 @@ class DataCard:
 
 def write_data_card(shards: str, curated: str | None = None, dedup: str | None = None, seed: int = 0) -> DataCard:
     """Gather the corpus' facts and write SHARDS/data_card.html, whole or not at all (a temporary
-    name, then a rename: clip_core.data.parquet.atomic_open). curated None: the folder the crawl read, when it holds curation stats."""
+    name, then a rename: clip_core.data.parquet.atomic_open). curated None: the folder the crawl
+    read, when it holds curation stats."""
     facts = gather_facts(shards, curated, dedup, seed)
     page, uri = render_card(facts), join(shards, CARD_NAME)
     fs, path = fsspec.core.url_to_fs(uri)
@@ -106,7 +107,7 @@ def add_curation(facts: CardFacts, curated: str) -> None:
                      ("kept by balancing (curated)", cur.kept)]
     facts.curation = {"t": cur.t, "queries": cur.n_queries, "queries_matched": cur.queries_matched,
                       "head_queries": cur.head_queries, "skipped": cur.skipped}
-    table = pq.read_table(join(curated, QUERY_STATS_NAME), columns=["query", "matched", "kept"])
+    table = read_columns(join(curated, QUERY_STATS_NAME), ["query", "matched", "kept"])
     matched = table["matched"].to_numpy().astype(np.int64)
     edges = [*QUERY_BUCKETS, np.iinfo(np.int64).max]
     buckets = [(f"{lo:,}-{hi - 1:,}" if hi < edges[-1] else f"{lo:,}+", int(((matched >= lo) & (matched < hi)).sum()))
@@ -127,7 +128,7 @@ def add_shard_columns(facts: CardFacts, shards: str) -> None:
     files = [f for f in list_parquet(shards, "crawl the corpus first") if f.rsplit("/", 1)[-1][:1].isdigit()]
     hosts, downloaded, chars, words, captions = Counter(), Counter(), [], [], []
     for uri in files[:MAX_PARQUET]:
-        table = pq.read_table(uri, columns=["url", "caption", "status"])
+        table = read_columns(uri, ["url", "caption", "status"])
         host = pc.struct_field(pc.extract_regex(table["url"].combine_chunks(), HOST_PATTERN), "host")
         ok = pc.equal(table["status"], "success")
         hosts.update(host.to_pylist())
@@ -217,6 +218,12 @@ def histogram_png(values: np.ndarray, xlabel: str, ylabel: str) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def read_columns(uri: str, columns: list[str]):
+    """Columns of a Parquet file through fsspec (s3:// with the user's endpoint and credentials)."""
+    with fsspec.open(uri, "rb") as f:
+        return pq.read_table(f, columns=columns)
 
 
 def read_bytes(uri: str) -> bytes:

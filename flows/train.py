@@ -24,16 +24,12 @@ The command line (`clip-pipeline train`, `python -m flows.commands.train`) is fl
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import math
 import os
-import signal
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -50,21 +46,19 @@ from clip_core.errors import InputError
 from clip_core.model import create_model
 from clip_core.train import DataStats, TrainConfig, build_training, restore_training
 from clip_core.train.checkpoint import save_train_state
-from clip_core.train.checks import RESUME_FIX, check_checkpoint_matches, check_training_inputs, model_config
+from clip_core.train.checks import RESUME_FIX, check_checkpoint_matches, check_training_inputs
 from clip_core.train.config import absolute
 from clip_core.train.loop import NonFiniteLossError, scalar
 from clip_core.train.optim import unwrap
 from clip_core.train.precision import precision_note
-from clip_core.weights import export_model, is_uri, latest_checkpoint
+from clip_core.weights import is_uri, latest_checkpoint
 from flows.common import check_ray_address, loopback_ray
-from flows.lineage import corpus_dataset, eval_dataset
-from flows.serving import PYFUNC_ARTIFACT, save_pyfunc
 from flows.train_backend import LoopbackTorchConfig, local_cluster
 from flows.train_progress import ProgressBoard, ProgressCallback, watch_progress
+from flows.train_run import closing, export_model_to_run, open_run
 from flows.train_storage import (_as_uri, _check_writable, _checkpoint_at, _exists, _local, join,
                                  storage_filesystem)
-from flows.tracking import (MetricsCallback, Tracker, ZeroShotEval, corpus_tags, default_tracking_uri,
-                            flops_per_sample, git_commit, peak_flops)
+from flows.tracking import (MetricsCallback, Tracker, ZeroShotEval, flops_per_sample, peak_flops)
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
 
@@ -320,63 +314,6 @@ def _run_config(run: RunSettings) -> RunConfig:
                      failure_config=FailureConfig(max_failures=run.max_failures))
 
 
-def _open_run(cfg: TrainConfig, run: RunSettings, urls: list[str]) -> tuple[Tracker, str | None]:
-    """Open the MLflow run; a resumed run first ends the RUNNING run its killed predecessor left."""
-    tracker = Tracker(run.mlflow_uri or default_tracking_uri(run.output), output=run.output)
-    tags = {"git_commit": git_commit(str(Path(__file__).resolve().parent)), **corpus_tags(cfg.corpus, len(urls)),
-            "output": run.output}
-    if run.mlflow_parent_run_id:  # a stage of a pipeline run (flows/pipeline.py)
-        tags |= {"mlflow.parentRunId": run.mlflow_parent_run_id, "stage": "train"}
-    if run.resume != "never":
-        ended = tracker.end_stale(run.experiment, run.name, {"output": run.output})
-        tags |= {"continues_runs": ",".join(ended)} if ended else {}
-    # the model trained: the preset with --image-size / --context-length applied
-    params = {**cfg.to_dict(), **run.to_dict(), "preset_config": model_config(cfg).to_dict()}
-    run_id = tracker.start(run.experiment, run.name, params, tags)
-    tracker.log_inputs([(functools.partial(corpus_dataset, cfg.corpus), "training"),
-                        *((functools.partial(eval_dataset, d), "evaluation") for d in cfg.eval)])
-    return tracker, run_id
-
-
-@contextlib.contextmanager
-def _closing(tracker: Tracker):
-    """The MLflow run never stays RUNNING: KILLED on SIGTERM/SIGINT, FAILED on an error (re-raised)."""
-    terminated = []
-
-    def on_sigterm(signum, frame):
-        terminated.append(signum)
-        # SystemExit is what a blocking ray.get lets through (Ray swallows other exceptions from handlers)
-        raise SystemExit(128 + signum)
-
-    main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
-    try:
-        yield
-    except BaseException as e:
-        # during fit() Ray Train's own SIGINT handler aborts the run and exits: a SystemExit here too
-        killed = terminated or isinstance(e, (KeyboardInterrupt, SystemExit))
-        tracker.end("KILLED" if killed else "FAILED")
-        if terminated:  # Ray re-raises its own SystemExit: keep the signal's exit status
-            raise SystemExit(128 + terminated[0]) from None
-        raise
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-
-def _export(result, run: RunSettings, tracker: Tracker, preset: str) -> Path | str:
-    """The final model (safetensors + config.json) to OUT/model (a local folder or a URI); logged and registered."""
-    with result.checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as tmp:
-        model_dir = export_model(folder, join(run.output, "model"))
-        # MLflow logs a local folder: for a remote OUT, the same two files staged here
-        logged = export_model(folder, Path(tmp) / "model") if is_uri(model_dir) else model_dir
-        tracker.log_artifacts(str(logged), "model")
-        # the registered version: a pyfunc that embeds texts and images (flows/serving.py)
-        tracker.log_artifacts(str(save_pyfunc(logged, Path(tmp) / PYFUNC_ARTIFACT)), PYFUNC_ARTIFACT)
-    tracker.register(f"clip-{preset}", PYFUNC_ARTIFACT)
-    return model_dir
-
-
 def _checked(cfg: TrainConfig, run: RunSettings) -> tuple[RunSettings, list[str]]:
     """The run's settings with OUT and the storage path resolved, and the corpus's shards.
 
@@ -487,8 +424,8 @@ def train(config: TrainConfig, run: RunSettings, callbacks: list | None = None) 
     check_shared_storage(run)
     _prepare_output(run)
     # [3] Open the MLflow run: options, preset, commit, corpus
-    tracker, run_id = _open_run(config, run, urls)
-    with _closing(tracker):
+    tracker, run_id = open_run(config, run, urls)
+    with closing(tracker):
         # [4] The TorchTrainer; configs cross to the workers as plain dicts
         board = ProgressBoard.remote()  # rank 0 posts progress, a driver thread prints it
         trainer = _torch_trainer(run, {"train": config.to_dict(), "run": run.to_dict(), "urls": urls,
@@ -505,7 +442,7 @@ def train(config: TrainConfig, run: RunSettings, callbacks: list | None = None) 
             where = _as_uri(run.storage_path, result.checkpoint.path) if result.checkpoint else "none was written"
             raise TrainingError(f"{value['error']}; training stopped, last good checkpoint: {where}")
         # [6] The final model to OUT/model, MLflow artifact and registry
-        model_dir = _export(result, run, tracker, config.preset)
+        model_dir = export_model_to_run(result, run, tracker, config.preset)
     tracker.end("FINISHED")
     return TrainSummary(steps=value.get("step"), model=str(model_dir),
                         checkpoint=_as_uri(run.storage_path, result.checkpoint.path),

@@ -58,6 +58,34 @@ def ray_cluster():
             shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def s3():
+    """An S3 server on 127.0.0.1 for this module, a fresh bucket; boto/s3fs (and Ray's workers) point at it."""
+    import uuid
+
+    import fsspec
+    from moto.server import ThreadedMotoServer
+    from s3fs import S3FileSystem
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+            env.setenv(key, value)
+        env.delenv("AWS_PROFILE", raising=False)
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        S3FileSystem.clear_instance_cache()  # a cached client may point at another test's server
+        try:
+            bucket = f"test-{uuid.uuid4().hex[:8]}"  # moto's backend is shared by every server in the process
+            fsspec.filesystem("s3").mkdir(bucket)
+            yield bucket
+        finally:
+            S3FileSystem.clear_instance_cache()
+            server.stop()
+
+
 def wait_until_answering(url: str, server, seconds: float = 120.0) -> None:
     """Poll url (a health route) until it answers; fail with the reason if the server exits or time runs out."""
     import time

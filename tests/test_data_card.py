@@ -26,7 +26,8 @@ CAPTIONS = ["a red cat", "a red cat on a mat", "a blue dog", "blue sky over the 
 # url host, status: three from img.example.org (all downloaded), two from cdn.example.net:8080 (one), one IPv6
 ROWS = [("http://img.example.org/1.jpg", "success"), ("http://img.example.org/2.jpg", "success"),
         ("https://cdn.example.net:8080/3.png", "success"), ("http://img.example.org/4.jpg", "success"),
-        ("http://user@[::1]:80/5.jpg", "failed_to_download"), ("https://cdn.example.net:8080/6.png", "failed_to_resize")]
+        ("http://user@[::1]:80/5.jpg", "failed_to_download"),
+        ("https://cdn.example.net:8080/6.png", "failed_to_resize")]
 
 
 def _jpeg(color) -> bytes:
@@ -107,3 +108,16 @@ def test_the_command_writes_the_card(corpus):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert (Path(shards) / CARD_NAME).is_file() and "t = 2 pairs at most" in (Path(shards) / CARD_NAME).read_text()
+
+
+def test_a_corpus_on_s3_gets_its_card_there(corpus, s3):
+    """Shards and curation on S3 (a moto server on 127.0.0.1): read and written through fsspec."""
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    shards, curated = corpus
+    fs.put(curated, f"{s3}/curated", recursive=True)
+    stats = json.loads((Path(shards) / "crawl_stats.json").read_text()) | {"pairs": f"s3://{s3}/curated"}
+    (Path(shards) / "crawl_stats.json").write_text(json.dumps(stats))
+    fs.put(shards, f"{s3}/shards", recursive=True)
+    card = write_data_card(f"s3://{s3}/shards")
+    assert card.uri == f"s3://{s3}/shards/{CARD_NAME}" and fs.cat_file(card.uri).decode() == card.html
+    assert dict(gather_facts(f"s3://{s3}/shards").funnel)["candidate pairs"] == 6  # curation found on S3 too

@@ -174,11 +174,12 @@ def test_a_real_browser_finds_the_runs_their_datasets_and_zero_shot_metrics(demo
         runs = _get(f"{ui}/api/2.0/mlflow/runs/search", {"experiment_ids": ["1"], "max_results": 1000})["runs"]
         by_stage = {({t["key"]: t["value"] for t in r["data"]["tags"]}).get("stage"): r["info"]["run_id"]
                     for r in runs if r["info"]["run_name"] in ("clip-train", "evaluate")}
-        table = _browse(browser, f"{ui}/#/experiments/1/runs?workflowType=machine_learning", tmp_path / "runs.png",
+        ml = "workflowType=machine_learning"  # the Model training view
+        table = _browse(browser, f"{ui}/#/experiments/1/runs?{ml}", tmp_path / "runs.png",
                         ["clip-pipeline", "compare batch_size", "corpus"])
-        train = _browse(browser, f"{ui}/#/experiments/1/runs/{by_stage['train']}?workflowType=machine_learning", tmp_path / "train.png",
+        train = _browse(browser, f"{ui}/#/experiments/1/runs/{by_stage['train']}?{ml}", tmp_path / "train.png",
                         ["Datasets", "corpus"])
-        evaluate = _browse(browser, f"{ui}/#/experiments/1/runs/{by_stage['evaluate']}?workflowType=machine_learning", tmp_path / "eval.png",
+        evaluate = _browse(browser, f"{ui}/#/experiments/1/runs/{by_stage['evaluate']}?{ml}", tmp_path / "eval.png",
                            ["eval/shapes/zeroshot_classification/acc1"])
         compare_link = re.search(r"(/#/compare-runs\?\S+)", compared).group(1)
         side_by_side = _browse(browser, ui + compare_link, tmp_path / "compare.png", ["Comparing 2 Runs"])

@@ -282,7 +282,7 @@ class FakeTracker:
 
 
 def test_sigterm_in_the_driver_marks_the_run_killed(monkeypatch):
-    from flows.train import _closing
+    from flows.train_run import closing as _closing
 
     tracker = FakeTracker()
     with pytest.raises(SystemExit) as exit_info:
@@ -300,7 +300,7 @@ def test_sigterm_in_the_driver_marks_the_run_killed(monkeypatch):
 
 
 def test_the_sigterm_handler_is_restored(monkeypatch):
-    from flows.train import _closing
+    from flows.train_run import closing as _closing
 
     def mine(signum, frame):
         pass
@@ -319,7 +319,8 @@ def test_a_resumed_run_ends_the_run_its_killed_predecessor_left_running(tmp_path
     from mlflow import MlflowClient
 
     from flows.tracking import Tracker
-    from flows.train import RunSettings, _checked, _open_run, _prepare_output
+    from flows.train import RunSettings, _checked, _prepare_output
+    from flows.train_run import open_run as _open_run
 
     cfg = TrainConfig(corpus=corpus, steps=2)
     run, urls = _checked(cfg, RunSettings(output=str(tmp_path / "out")))

@@ -98,32 +98,6 @@ def test_out_and_storage_uris_and_shared_storage_come_from_the_command_line():
 
 # ----- S3 on a moto server -----
 
-@pytest.fixture(scope="module")
-def s3():
-    """An S3 server on 127.0.0.1 for this module, a fresh bucket; boto/s3fs (and Ray's workers) point at it."""
-    import fsspec
-    from moto.server import ThreadedMotoServer
-    from s3fs import S3FileSystem
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
-            env.setenv(key, value)
-        env.delenv("AWS_PROFILE", raising=False)
-        env.delenv("MLFLOW_TRACKING_URI", raising=False)
-        S3FileSystem.clear_instance_cache()  # a cached client may point at another test's server
-        try:
-            bucket = f"train-{uuid.uuid4().hex[:8]}"  # moto's backend is shared by every server in the process
-            fsspec.filesystem("s3").mkdir(bucket)
-            yield bucket
-        finally:
-            S3FileSystem.clear_instance_cache()
-            server.stop()
-
-
 @pytest.fixture
 def fs(s3):
     import fsspec
