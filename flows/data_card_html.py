@@ -125,7 +125,10 @@ def render_markdown(facts: CardFacts, card_uri: str) -> str:
         parts.append(md_table(("eval set", "images", "overlap", "overlap %"),
                               [row[:4] for row in facts.dedup["eval_sets"]]))
     parts += [f"![{t}]({data_uri(png)})" for t, png in facts.pictures.items() if t.startswith("pairs per query")]
-    parts.append(" ".join(f"![sample]({data_uri(jpg, 'image/jpeg')})" for jpg, _ in facts.samples[:12]))
+    thumbs = [f"![{_md(_short(caption, 40))}]({data_uri(jpg, 'image/jpeg')})" for jpg, caption in facts.samples[:12]]
+    if thumbs:  # a table: Prefect's UI draws images one under the other otherwise
+        rows = [thumbs[i:i + 6] for i in range(0, len(thumbs), 6)]
+        parts.append(md_table(["samples", *[" "] * (len(rows[0]) - 1)], rows))
     return "\n\n".join(parts)
 
 

@@ -10,6 +10,7 @@ mkdir -p "$STATE"
 STATE=$(cd "$STATE" && pwd)
 export PREFECT_HOME="$STATE/home" PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_API_URL="http://127.0.0.1:$PORT/api"
+export PREFECT_UI_API_URL="$PREFECT_API_URL"  # the UI's own calls (it would assume port 4200)
 export NO_ALBUMENTATIONS_UPDATE=1 RAY_AUTH_MODE=disabled
 
 if [ -f "$STATE/server.pid" ] && kill -0 "$(cat "$STATE/server.pid")" 2>/dev/null; then

@@ -1,5 +1,6 @@
 """Shared test setup: CPU by default; `gpu` tests run only where CUDA is present."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,3 +101,51 @@ def wait_until_answering(url: str, server, seconds: float = 120.0) -> None:
             if server.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"{url} never answered (server exit code {server.poll()}): {e}") from e
             time.sleep(1)
+
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")  # Debian's chromium first (`make browser`)
+
+
+def find_browser() -> str | None:
+    """A headless Chromium's path, or None (asserting that CI, which runs `make browser`, has one)."""
+    import shutil
+
+    browser = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
+    assert browser or not os.environ.get("CI"), "CI runs `make browser` first: no Chromium was installed"
+    return browser
+
+
+def chromium() -> str:
+    """The headless browser's path; the test skips, saying why, where none is installed (not on CI)."""
+    browser = find_browser()
+    if browser is None:
+        pytest.skip("no Chromium installed (`make browser` installs Debian's; CI runs it)")
+    return browser
+
+
+def visible_text(dom: str) -> str:
+    """The text a reader sees in a DOM dump: no styles, no scripts, entities decoded."""
+    import html
+    import re
+
+    dom = re.sub(r"<(style|script)\b.*?</\1>", " ", dom, flags=re.S)
+    return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom)))
+
+
+def browse(browser: str, url: str, shot: Path, expect: list[str]) -> str:
+    """The page's text after its scripts ran, as headless Chromium renders it (and a screenshot);
+    a second, longer look when the single-page app had not drawn everything expected yet."""
+    import subprocess
+
+    from PIL import Image
+
+    for budget in (20_000, 60_000):
+        out = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                              f"--user-data-dir={shot.parent / 'profile'}", "--window-size=1600,1200",
+                              f"--virtual-time-budget={budget}", f"--screenshot={shot}", "--dump-dom", url],
+                             capture_output=True, text=True, timeout=180)
+        text = visible_text(out.stdout)
+        if all(e in text for e in expect):
+            break
+    assert shot.stat().st_size > 10_000 and Image.open(shot).size == (1600, 1200)
+    return text

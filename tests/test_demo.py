@@ -1,17 +1,14 @@
 """The demo DAG end to end at a small size, and its MLflow runs read back through the REST API."""
-import html
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
-from PIL import Image
-from conftest import wait_until_answering
+from conftest import browse, chromium, wait_until_answering
 
 from flows.common import free_port
 
@@ -132,36 +129,10 @@ def test_compare_trains_one_nested_run_per_value(demo, compared):
     assert "batch_size=8" in compared and "/#/compare-runs?runs=" in compared
 
 
-BROWSERS = ("chromium", "chromium-browser", "google-chrome")  # Debian's chromium first (`make browser`)
-
-
-def _visible_text(dom: str) -> str:
-    dom = re.sub(r"<(style|script)\b.*?</\1>", " ", dom, flags=re.S)
-    return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom)))
-
-
-def _browse(browser: str, url: str, shot: Path, expect: list[str]) -> str:
-    """The page's text after its scripts ran, as headless Chromium renders it (and a screenshot);
-    a second, longer look when the single-page app had not drawn everything expected yet."""
-    for budget in (20_000, 60_000):
-        out = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                              f"--user-data-dir={shot.parent / 'profile'}", "--window-size=1600,1200",
-                              f"--virtual-time-budget={budget}", f"--screenshot={shot}", "--dump-dom", url],
-                             capture_output=True, text=True, timeout=180)
-        text = _visible_text(out.stdout)
-        if all(e in text for e in expect):
-            break
-    assert shot.stat().st_size > 10_000 and Image.open(shot).size == (1600, 1200)
-    return text
-
-
 @pytest.mark.slow
 def test_a_real_browser_finds_the_runs_their_datasets_and_zero_shot_metrics(demo, compared, tmp_path):
     """Issue 20 item 6: the MLflow UI on the demo's store, in Debian's chromium, headless."""
-    browser = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
-    if browser is None:
-        assert not os.environ.get("CI"), "CI runs `make browser` first: no Chromium was installed"
-        pytest.skip("no Chromium installed (`make browser` installs Debian's; CI runs it)")
+    browser = chromium()
     run, _ = demo
     port = free_port()
     server = subprocess.Popen([MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port),
@@ -175,14 +146,14 @@ def test_a_real_browser_finds_the_runs_their_datasets_and_zero_shot_metrics(demo
         by_stage = {({t["key"]: t["value"] for t in r["data"]["tags"]}).get("stage"): r["info"]["run_id"]
                     for r in runs if r["info"]["run_name"] in ("clip-train", "evaluate")}
         ml = "workflowType=machine_learning"  # the Model training view
-        table = _browse(browser, f"{ui}/#/experiments/1/runs?{ml}", tmp_path / "runs.png",
+        table = browse(browser, f"{ui}/#/experiments/1/runs?{ml}", tmp_path / "runs.png",
                         ["clip-pipeline", "compare batch_size", "corpus"])
-        train = _browse(browser, f"{ui}/#/experiments/1/runs/{by_stage['train']}?{ml}", tmp_path / "train.png",
+        train = browse(browser, f"{ui}/#/experiments/1/runs/{by_stage['train']}?{ml}", tmp_path / "train.png",
                         ["Datasets", "corpus"])
-        evaluate = _browse(browser, f"{ui}/#/experiments/1/runs/{by_stage['evaluate']}?{ml}", tmp_path / "eval.png",
+        evaluate = browse(browser, f"{ui}/#/experiments/1/runs/{by_stage['evaluate']}?{ml}", tmp_path / "eval.png",
                            ["eval/shapes/zeroshot_classification/acc1"])
         compare_link = re.search(r"(/#/compare-runs\?\S+)", compared).group(1)
-        side_by_side = _browse(browser, ui + compare_link, tmp_path / "compare.png", ["Comparing 2 Runs"])
+        side_by_side = browse(browser, ui + compare_link, tmp_path / "compare.png", ["Comparing 2 Runs"])
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
@@ -194,7 +165,7 @@ def test_a_real_browser_finds_the_runs_their_datasets_and_zero_shot_metrics(demo
     accuracy = json.loads(next((run / "eval").glob("*shapes*zeroshot*.json")).read_text())["metrics"]["acc1"]
     assert re.search(rf"eval/shapes/zeroshot_classification/acc1 {re.escape(str(accuracy)[:4])}", evaluate)
     assert "batch_size=8" in side_by_side and "batch_size=16" in side_by_side
-    card = _browse(browser, (run / "shards" / "data_card.html").as_uri(), tmp_path / "card.png",
+    card = browse(browser, (run / "shards" / "data_card.html").as_uri(), tmp_path / "card.png",
                    ["Counts at each stage"])
     assert "Counts at each stage" in card and "Samples" in card and "Dedup against the eval sets" in card
 

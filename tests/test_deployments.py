@@ -5,9 +5,11 @@ import re
 import subprocess
 import sys
 import urllib.request
+import warnings
 from pathlib import Path
 
 import pytest
+from conftest import find_browser
 
 from flows.common import free_port
 
@@ -46,6 +48,16 @@ def test_build_corpus_deployment_runs_to_completed(tmp_path):
         card = _artifacts(port, "data-card")  # the data card as a Prefect artifact: its pictures inside it
         images = re.findall(r"!\[[^\]]*\]\(([^)]*)\)", card[0]["data"])
         assert len(card) == 1 and images and all(i.startswith("data:image/") for i in images)
+        # and drawn by Prefect's own UI, in a real browser: every picture from the artifact itself
+        browser = find_browser()
+        if browser is None:
+            warnings.warn("no Chromium: the data-card artifact was not looked at in Prefect's UI (`make browser`)")
+        else:
+            page = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                                   f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=30000",
+                                   "--dump-dom", f"http://127.0.0.1:{port}/artifacts/artifact/{card[0]['id']}"],
+                                  capture_output=True, text=True, timeout=180).stdout
+            assert len(re.findall(r'<img[^>]+src="data:image/', page)) == len(images) and "downloaded" in page
     finally:
         down = subprocess.run(["bash", "scripts/prefect_down.sh"], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=120)
