@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import urllib.parse
 
 from prefect import flow
 
 from clip_core.errors import InputError, check
-from flows.common import exists, join
+from flows.common import check_ray_address, exists, join
 from flows.lineage import corpus_dataset
 
 VARIED = {"batch_size": int, "lr": float, "steps": int, "warmup": int, "seed": int, "preset": str,
@@ -57,7 +58,7 @@ def ensure_corpus(storage: str, recipe: dict) -> dict:
     if exists(join(shards, "crawl_stats.json")) and exists(join(dedup, "dedup_stats.json")):
         return {"shards": shards, "dedup": dedup, "eval_dirs": web_eval_dirs(web)}
     cfg = CorpusConfig(storage=storage, web_pairs=recipe["web_pairs"], max_per_query=recipe["max_per_query"],
-                       seed=recipe["seed"])
+                       seed=recipe["seed"], ray_address=recipe["ray_address"])
     return build_corpus(cfg)
 
 
@@ -65,8 +66,9 @@ def ensure_corpus(storage: str, recipe: dict) -> dict:
 def compare(storage: str = "runs/demo", vary: str = DEFAULT_VARY, steps: int = 260, batch_size: int = 256,
             lr: float = 2e-3, warmup: int = 30, preset: str = "tiny-rn", image_size: int | None = 32,
             context_length: int | None = 32, workers: int = 2, seed: int = 0, web_pairs: int = 8_000,
-            max_per_query: int = 500) -> dict:
-    """One training + evaluation per value of `vary`, nested under a `compare` MLflow run; the runs' ids."""
+            max_per_query: int = 500, ray_address: str | None = None) -> dict:
+    """One training + evaluation per value of `vary`, nested under a `compare` MLflow run; the runs' ids.
+    ray_address: the cluster the trainings (and a missing corpus's stages) run on; None: RAY_ADDRESS or local."""
     from flows.evaluate import evaluate
     from flows.pipeline import train_model
     from flows.pipeline_runs import EXPERIMENT, start_parent, tracking_uri
@@ -74,7 +76,9 @@ def compare(storage: str = "runs/demo", vary: str = DEFAULT_VARY, steps: int = 2
     name, values = parse_vary(vary)
     recipe = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "preset": preset,
               "image_size": image_size, "context_length": context_length, "seed": seed}
-    corpus = ensure_corpus(storage, {"web_pairs": web_pairs, "max_per_query": max_per_query, "seed": seed})
+    ray_address = (ray_address or "").strip() or None  # an unset Prefect variable renders as ""
+    corpus = ensure_corpus(storage, {"web_pairs": web_pairs, "max_per_query": max_per_query, "seed": seed,
+                                     "ray_address": ray_address})
     uri = tracking_uri(storage)
     parent = start_parent(uri, f"compare {name}", {**recipe, "vary": vary, "storage": storage})
     parent.set_tags({"kind": "compare", "compare.setting": name})
@@ -85,7 +89,8 @@ def compare(storage: str = "runs/demo", vary: str = DEFAULT_VARY, steps: int = 2
         output = join(storage, "compare", label.replace("=", "-"))
         summary = train_model(corpus["shards"], output, **(recipe | {name: value}), workers=workers,
                               exclude=join(corpus["dedup"], "matches.parquet"), mlflow_uri=uri,
-                              mlflow_parent_run_id=parent.run_id, experiment=EXPERIMENT, run_name=label)
+                              mlflow_parent_run_id=parent.run_id, experiment=EXPERIMENT, run_name=label,
+                              ray_address=ray_address)
         records = evaluate(output, corpus["eval_dirs"], ["zeroshot", "retrieval"], join(output, "eval"),
                            mlflow_uri=uri, mlflow_run_id=summary.mlflow_run_id)
         variants.append({"variant": label, "run_id": summary.mlflow_run_id, "final_loss": summary.final_loss,
@@ -125,14 +130,22 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny-rn", help="model preset where not varied")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ui", default="http://127.0.0.1:5000", help="the MLflow UI the printed link points at")
+    parser.add_argument("--ray-address", default=None, help="Ray cluster for the trainings (default RAY_ADDRESS, "
+                        "else a local one)")
+    tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
+    parser.add_argument("--ui", default=tracking if tracking.startswith(("http://", "https://")) else
+                        "http://127.0.0.1:5000", help="the MLflow UI the printed link points at (default: "
+                        "MLFLOW_TRACKING_URI when it is a server, else make mlflow-ui's address)")
     parser.set_defaults(handler=run_compare_command)
 
 
 def run_compare_command(args: argparse.Namespace) -> int:
     parse_vary(args.vary)  # bad input: before any corpus or training starts
+    if args.ray_address:
+        check_ray_address("--ray-address", args.ray_address)
     result = compare(storage=args.storage, vary=args.vary, steps=args.steps, batch_size=args.batch_size,
-                     lr=args.lr, preset=args.preset, workers=args.workers, seed=args.seed)
+                     lr=args.lr, preset=args.preset, workers=args.workers, seed=args.seed,
+                     ray_address=args.ray_address)
     print(summary_table(result))
     if result["experiment_id"]:
         ids = [v["run_id"] for v in result["variants"] if v["run_id"]]

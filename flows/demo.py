@@ -95,12 +95,14 @@ def summary_text(result: dict, storage: str, seconds: float) -> str:
 
 
 def runs_url(train, ui: str = "http://127.0.0.1:5000") -> str:
-    """The experiment's runs table in MLflow's "Model training" view (its UI opens on GenAI otherwise)."""
+    """The experiment's runs table in MLflow's "Model training" view (its UI opens on GenAI otherwise),
+    on the tracking server itself when runs went to one (MLFLOW_TRACKING_URI=http...)."""
     experiment = "1"  # a fresh store's first experiment
     if train.mlflow_run_id and train.tracking_uri:
         import mlflow
 
         experiment = mlflow.MlflowClient(train.tracking_uri).get_run(train.mlflow_run_id).info.experiment_id
+        ui = train.tracking_uri.rstrip("/") if train.tracking_uri.startswith(("http://", "https://")) else ui
     return f"{ui}/#/experiments/{experiment}/runs?workflowType=machine_learning"
 
 

@@ -1,12 +1,12 @@
 """Serve every deployment of the pipeline on the Prefect server at PREFECT_API_URL.
 
 `python -m flows.deployments` registers build-corpus/default, train/default,
-evaluate/default, overlap-analysis/default and clip-pipeline/default, all on the embedded
+evaluate/default, overlap-analysis/default, clip-pipeline/default and compare/default, all on the embedded
 default (the synthetic web, local Ray, SQLite MLflow, local disk under runs/demo, or
 $CLIP_PIPELINE_DEMO_DIR), and runs
 their flow runs in subprocesses until stopped. `--check` exits 0 once all are registered.
 `--ray-address ADDR` ("auto" or HOST:PORT) makes build-corpus/default and clip-pipeline/default
-send every stage to that Ray cluster, and train/default train there (their `ray_address`
+send every stage to that Ray cluster, and train/default and compare/default train there (their `ray_address`
 parameter, which a run can also override: `--param`/`--params` of `prefect deployment run`).
 """
 from __future__ import annotations
@@ -19,12 +19,13 @@ import os
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = Path(os.environ.get("CLIP_PIPELINE_DEMO_DIR", ROOT / "runs" / "demo")).resolve()
-NAMES = ("build-corpus", "train", "evaluate", "overlap-analysis", "clip-pipeline")
+NAMES = ("build-corpus", "train", "evaluate", "overlap-analysis", "clip-pipeline", "compare")
 
 
 def deployments(ray_address: str | None = None) -> list:
     """RunnerDeployments named `default`, with parameters on the embedded default (on ray_address's cluster)."""
     from flows.build_corpus import CorpusConfig, build_corpus, web_eval_dirs
+    from flows.compare import compare
     from flows.evaluate import evaluate
     from flows.pipeline import clip_pipeline, overlap_analysis, train_model
 
@@ -43,6 +44,7 @@ def deployments(ray_address: str | None = None) -> list:
             "checkpoint": str(DEMO / "train"), "eval_dirs": evals[:-1],
             "matches": str(DEMO / "dedup" / "matches.parquet"), "out_dir": str(DEMO / "overlap")}),
         clip_pipeline.to_deployment(name="default", parameters={"storage": storage, "ray_address": ray_address}),
+        compare.to_deployment(name="default", parameters={"storage": storage, "ray_address": ray_address}),
     ]
 
 

@@ -72,5 +72,6 @@ def test_one_setting_sends_the_deployments_to_a_cluster():
     by_flow = {d.flow_name: d.parameters for d in deployments(ray_address="auto")}
     assert by_flow["build-corpus"]["cfg"]["ray_address"] == "auto"
     assert by_flow["train"]["ray_address"] == "auto" and by_flow["clip-pipeline"]["ray_address"] == "auto"
+    assert by_flow["compare"]["ray_address"] == "auto"
     local = {d.flow_name: d.parameters for d in deployments()}
     assert local["build-corpus"]["cfg"]["ray_address"] is None and local["clip-pipeline"]["ray_address"] is None
