@@ -14,7 +14,7 @@ import io
 import itertools
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import fsspec
 import numpy as np
@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from clip_core.data.parquet import atomic_open, check_exists
 from flows.common import exists, join
-from flows.data_card_html import render_card, render_markdown
+from flows.data_card_html import CardFacts, render_card, render_markdown
 
 CARD_NAME = "data_card.html"
 MAX_PARQUET = 64  # shard Parquet files read for captions and hosts
@@ -32,22 +32,6 @@ SAMPLES = 24  # images on the contact sheet
 TABLE_ROWS = 15  # rows of the head, tail and host tables
 HOST_PATTERN = r"^[a-zA-Z][a-zA-Z0-9+.-]*://(?:[^@/]*@)?(?P<host>\[[^\]]*\]|[^/:?#]+)"  # a URL's host name
 QUERY_BUCKETS = (1, 10, 100, 1_000, 10_000, 100_000)  # lower edges of the per-query histogram
-
-
-@dataclass
-class CardFacts:
-    """What the card shows; each part empty when its stage has not run."""
-
-    shards: str
-    funnel: list[tuple[str, int]] = field(default_factory=list)  # stage -> pairs or images
-    curation: dict = field(default_factory=dict)
-    queries: dict = field(default_factory=dict)  # buckets, head, tail
-    captions: dict = field(default_factory=dict)
-    hosts: list[tuple[str, int, int]] = field(default_factory=list)  # host, rows, downloaded
-    failures: list[tuple[str, str, int]] = field(default_factory=list)  # stage, reason, count
-    dedup: dict = field(default_factory=dict)
-    samples: list[tuple[bytes, str]] = field(default_factory=list)  # JPEG thumbnail, caption
-    pictures: dict[str, bytes] = field(default_factory=dict)  # title -> PNG
 
 
 @dataclass(frozen=True)

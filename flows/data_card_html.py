@@ -1,4 +1,5 @@
-"""The data card's two renderings: self-contained HTML (data_card.html) and Markdown for Prefect.
+"""The data card's facts (`CardFacts`, filled by flows.data_card) and their two renderings:
+self-contained HTML (data_card.html) and Markdown for Prefect.
 
 Both embed their pictures as data: URIs, never a storage path, so they show the same on any
 machine. All text from the web (captions, queries, hosts, error messages) is escaped.
@@ -7,10 +8,25 @@ from __future__ import annotations
 
 import base64
 import html
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass, field
+from typing import Sequence
 
-if TYPE_CHECKING:
-    from flows.data_card import CardFacts
+@dataclass
+class CardFacts:
+    """What the card shows; each part empty when its stage has not run."""
+
+    shards: str
+    funnel: list[tuple[str, int]] = field(default_factory=list)  # stage -> pairs or images
+    curation: dict = field(default_factory=dict)
+    queries: dict = field(default_factory=dict)  # buckets, head, tail
+    captions: dict = field(default_factory=dict)
+    hosts: list[tuple[str, int, int]] = field(default_factory=list)  # host, rows, downloaded
+    failures: list[tuple[str, str, int]] = field(default_factory=list)  # stage, reason, count
+    dedup: dict = field(default_factory=dict)
+    samples: list[tuple[bytes, str]] = field(default_factory=list)  # JPEG thumbnail, caption
+    pictures: dict[str, bytes] = field(default_factory=dict)  # title -> PNG
+
+
 
 STYLE = """body{font:14px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#1f272d}
 h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.8em;border-bottom:1px solid #ccd}

@@ -47,7 +47,6 @@ from clip_core.model import create_model
 from clip_core.train import DataStats, TrainConfig, build_training, restore_training
 from clip_core.train.checkpoint import save_train_state
 from clip_core.train.checks import RESUME_FIX, check_checkpoint_matches, check_training_inputs
-from clip_core.train.config import absolute
 from clip_core.train.loop import NonFiniteLossError, scalar
 from clip_core.train.optim import unwrap
 from clip_core.train.precision import precision_note
@@ -55,7 +54,7 @@ from clip_core.weights import is_uri, latest_checkpoint
 from flows.common import check_ray_address, loopback_ray
 from flows.train_backend import LoopbackTorchConfig, local_cluster
 from flows.train_progress import ProgressBoard, ProgressCallback, watch_progress
-from flows.train_run import closing, export_model_to_run, open_run
+from flows.train_run import RunSettings, closing, export_model_to_run, open_run  # noqa: F401  (RunSettings: the interface)
 from flows.train_storage import (_as_uri, _check_writable, _checkpoint_at, _exists, _local, join,
                                  storage_filesystem)
 from flows.tracking import (MetricsCallback, Tracker, ZeroShotEval, flops_per_sample, peak_flops)
@@ -65,58 +64,6 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's c
 
 class TrainingError(RuntimeError):
     """Training stopped (non-finite loss, worker failures); the message names the last checkpoint."""
-
-
-@dataclasses.dataclass(frozen=True)
-class RunSettings:
-    """Where and how a training runs: OUT, Ray and the workers' resources, checkpoints, resume, MLflow."""
-
-    output: str = ""  # OUT (a folder or an fsspec URI): model/, metrics.jsonl, mlflow.db, ray/
-    name: str = "clip-train"  # the run's folder under the storage path, and its MLflow name
-    ray_address: str | None = None  # default RAY_ADDRESS, else a local cluster on 127.0.0.1
-    workers: int = 1  # Ray Train workers (data-parallel ranks)
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    storage_path: str | None = None  # Ray's checkpoints (a folder or an fsspec URI); default OUT/ray
-    shared_storage: bool = False  # a local storage path that every node mounts (NFS): allowed on a multi-node cluster
-    checkpoint_every: int = 500
-    checkpoint_minutes: float | None = None  # also checkpoint when this long has passed (decided at log steps)
-    num_to_keep: int = 3  # checkpoints Ray keeps
-    max_failures: int = 0  # worker failures Ray recovers from
-    resume: str = "auto"  # auto: continue this run's checkpoints; never: fresh; else a checkpoint folder
-    mlflow_uri: str | None = None  # default MLFLOW_TRACKING_URI or sqlite:///OUT/mlflow.db (./mlflow.db: remote OUT)
-    experiment: str = "clip"
-    mlflow_parent_run_id: str | None = None  # nest the run under a pipeline run
-    log_every: int = 10  # steps between progress lines and MLflow rows (metrics.jsonl has every step)
-    ray_logs: bool = False  # show Ray's and the workers' log lines (else progress lines only)
-    peak_tflops: float | None = None  # per device, for MFU
-
-    def __post_init__(self):
-        for name in ("output", "storage_path"):  # Ray workers run in another folder: local paths absolute
-            object.__setattr__(self, name, absolute(getattr(self, name)))
-        if self.resume_from:
-            object.__setattr__(self, "resume", absolute(self.resume))
-        for name in ("workers", "checkpoint_every", "num_to_keep", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:
-            raise ValueError(f"checkpoint_minutes must be > 0, got {self.checkpoint_minutes}")
-
-    @property
-    def resume_from(self) -> str | None:
-        """The checkpoint folder --resume names; None for auto and never."""
-        return None if self.resume in ("auto", "never") else self.resume
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def field_names(cls) -> set[str]:
-        return {f.name for f in dataclasses.fields(cls)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> RunSettings:
-        return cls(**d)
 
 
 @dataclasses.dataclass(frozen=True)
