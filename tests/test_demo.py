@@ -100,12 +100,13 @@ def test_mlflow_rest_api_shows_parent_and_stage_runs(demo):
 
 @pytest.fixture(scope="module")
 def compared(demo):
-    """`clip-pipeline compare` on the demo's corpus: two batch sizes, 4 steps each."""
+    """`clip-pipeline compare` on the demo's corpus: two batch sizes, 3 steps each on one Ray Train worker."""
     run, _ = demo
     crawled = (run / "shards" / "crawl_stats.json").stat().st_mtime_ns
     env = {**os.environ, "PREFECT_HOME": str(run.parent / "prefect")}
     env.pop("MLFLOW_TRACKING_URI", None)
-    out = subprocess.run([CLI, "compare", "--storage", str(run), "--vary", "batch_size=8,16", "--steps", "4"],
+    out = subprocess.run([CLI, "compare", "--storage", str(run), "--vary", "batch_size=8,16", "--steps", "3",
+                          "--workers", "1"],
                          env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     assert (run / "shards" / "crawl_stats.json").stat().st_mtime_ns == crawled  # the demo's corpus, not a new one
@@ -123,7 +124,7 @@ def test_compare_trains_one_nested_run_per_value(demo, compared):
     assert sorted(r.info.run_name for r in children) == ["batch_size=16", "batch_size=8"]
     for child in children:
         assert child.data.params["batch_size"] == child.info.run_name.split("=")[1]  # the one value varied
-        assert child.data.params["steps"] == "4" and child.data.tags["stage"] == "train"
+        assert child.data.params["steps"] == "3" and child.data.tags["stage"] == "train"
         assert "loss" in child.data.metrics and "eval/shapes/zeroshot_classification/acc1" in child.data.metrics
         assert [i.dataset.name for i in child.inputs.dataset_inputs if i.dataset.name == "corpus"]
     assert "batch_size=8" in compared and "/#/compare-runs?runs=" in compared
