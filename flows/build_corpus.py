@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from flows.common import (check_ray_address, exists, free_port, join, markdown_artifact, retry_unless_bad_input,
                           table_artifact)
-from flows.data_card import CARD_NAME, write_data_card
+from flows.data_card import CARD_NAME, write_data_card_apart
 from flows.pipeline_runs import log_stage, start_parent, tracking_uri
 from flows.tracking import Tracker
 
@@ -210,7 +210,7 @@ def report_corpus(uris: dict, mlflow_uri: str, cfg: CorpusConfig, parent_run_id:
     for stage, numbers in metrics.items():
         table_artifact(f"{stage}-counts", [{"metric": k, "value": v} for k, v in numbers.items()],
                        f"{stage} counts for {cfg.storage}")
-    card = write_data_card(uris["shards"], uris["curated"], uris["dedup"], seed=cfg.seed)
+    card = write_data_card_apart(uris["shards"], uris["curated"], uris["dedup"], seed=cfg.seed)
     markdown_artifact("data-card", card.markdown, f"the data card of {uris['shards']}: {CARD_NAME} there "
                       "and in the MLflow run's artifacts")
     pictures = [join(uris["curated"], "curation_counts.png"), join(uris["dedup"] or "", "contact_sheet.png")]

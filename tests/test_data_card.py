@@ -121,3 +121,14 @@ def test_a_corpus_on_s3_gets_its_card_there(corpus, s3):
     card = write_data_card(f"s3://{s3}/shards")
     assert card.uri == f"s3://{s3}/shards/{CARD_NAME}" and fs.cat_file(card.uri).decode() == card.html
     assert dict(gather_facts(f"s3://{s3}/shards").funnel)["candidate pairs"] == 6  # curation found on S3 too
+
+
+def test_the_card_drawn_in_a_child_process_is_the_same_card(corpus, tmp_path):
+    """build-corpus draws it apart from the flow's process (flows.data_card.write_data_card_apart)."""
+    from flows.data_card import write_data_card_apart
+
+    shards, _ = corpus
+    apart = write_data_card_apart(shards)
+    assert apart == write_data_card(shards) and Path(apart.uri).read_text() == apart.html
+    with pytest.raises(InputError, match="crawl the corpus first"):  # bad input crosses the process whole
+        write_data_card_apart(str(tmp_path / "nothing"))
